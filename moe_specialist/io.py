@@ -1,0 +1,73 @@
+"""Atomic writes: an artefact is either absent or complete, never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _temporary_sibling(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(data: Any, path: str | Path) -> None:
+    atomic_write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to replace an existing output unless asked; the caller writes into :func:`staging_dir` first."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Output {path} already exists: choose another path or pass --overwrite to replace it.")
+    return path
+
+
+@contextmanager
+def staging_dir(path: str | Path, overwrite: bool = False):
+    """Yield a temporary directory next to ``path`` and rename it into place only if the block succeeds."""
+    path = prepare_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, backup / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
