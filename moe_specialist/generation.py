@@ -53,7 +53,7 @@ def generate_texts(
                 use_cache=True,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            for i, row in zip(index, new_tokens.tolist()):
+            for i, row in zip(index, new_tokens.tolist(), strict=False):
                 cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
                 outputs[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
     finally:

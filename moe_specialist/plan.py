@@ -1,0 +1,320 @@
+"""Which experts to keep: score experts (a *criterion*), spread a budget over layers (an *allocation*), write a plan.
+
+A :class:`PrunePlan` is the one artefact every later step replays: ``{"kept_experts": {"<decoder layer>": [ids]}}``
+plus metadata. It can be written by hand, replayed on the same or a sibling checkpoint, and layers it does not list
+are left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_specialist import __version__
+from moe_specialist.architectures import MoEModel
+from moe_specialist.io import atomic_write_json
+from moe_specialist.stats import RoutingStats
+
+# ---- criteria: RoutingStats -> scores [layer, expert] (higher = keep) -----------------------------------------------
+Criterion = Callable[[RoutingStats, "list[str] | None", "list[str] | None", int], torch.Tensor]
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str):
+    def wrap(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_criterion("frequency")
+def frequency(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """How often the router selects the expert."""
+    return stats.select(groups, roles)["count"]
+
+
+@register_criterion("gate_mass")
+def gate_mass(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """Total routing weight the model gives the expert's output."""
+    return stats.select(groups, roles)["gate_mass"]
+
+
+@register_criterion("reap")
+def reap(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """REAP (Lasby et al.): mean over routed tokens of gate weight x expert-output norm."""
+    selected = stats.select(groups, roles)
+    return selected["reap_sum"] / selected["count"].clamp_min(1)
+
+
+@register_criterion("random")
+def random(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """Seeded random scores: the baseline every criterion must beat."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(stats.count.shape[2:], generator=generator, dtype=torch.float64)
+
+
+def score_experts(stats: RoutingStats, criterion: str, groups=None, roles=None, seed: int = 0) -> torch.Tensor:
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
+    scores = CRITERIA[criterion](stats, groups, roles, seed).double().clone()
+    for position, count in enumerate(stats.num_experts):
+        scores[position, count:] = -math.inf  # padding of layers with fewer experts
+    return scores
+
+
+# ---- allocations: how many experts each layer keeps -----------------------------------------------------------------
+@dataclass
+class Budget:
+    num_experts: list[int]  # per MoE layer
+    keep_total: int
+    min_keep: int  # per layer: top-k (or the lowered top-k)
+    n_group: int = 1
+    min_per_group: int = 1
+
+
+def _shares(scores: torch.Tensor) -> torch.Tensor:
+    """Per-layer normalised scores (non-negative, summing to 1 over a layer's experts)."""
+    finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+    shifted = finite - finite.min(dim=1, keepdim=True).values.clamp_max(0)
+    shifted = torch.where(torch.isfinite(scores), shifted, torch.zeros_like(scores))
+    total = shifted.sum(dim=1, keepdim=True)
+    uniform = torch.isfinite(scores).double() / torch.isfinite(scores).sum(dim=1, keepdim=True)
+    return torch.where(total > 0, shifted / total.clamp_min(1e-300), uniform)
+
+
+def allocate_uniform(scores: torch.Tensor, budget: Budget) -> list[int]:
+    ratio = budget.keep_total / sum(budget.num_experts)
+    return [max(budget.min_keep, min(n, round(n * ratio))) for n in budget.num_experts]
+
+
+def _greedy_fill(shares: torch.Tensor, counts: list[int], budget: Budget) -> list[int]:
+    """Give the remaining slots to the highest normalised shares not yet kept, across all layers."""
+    counts = list(counts)
+    candidates = []
+    for position, n in enumerate(budget.num_experts):
+        ordered = shares[position, :n].sort(descending=True).values.tolist()
+        candidates += [(value, position, rank) for rank, value in enumerate(ordered) if rank >= counts[position]]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    remaining = budget.keep_total - sum(counts)
+    for _, position, rank in candidates[: max(0, remaining)]:
+        # candidates are sorted by share, so each layer's slots come in its own rank order
+        assert rank == counts[position]
+        counts[position] += 1
+    return counts
+
+
+def allocate_global(scores: torch.Tensor, budget: Budget) -> list[int]:
+    """One ranking across layers after per-layer normalisation; every layer keeps at least ``min_keep``."""
+    shares = _shares(scores)
+    return _greedy_fill(shares, [min(budget.min_keep, n) for n in budget.num_experts], budget)
+
+
+def allocate_coverage(scores: torch.Tensor, budget: Budget) -> list[int]:
+    """Each layer keeps the fewest experts holding a share ``p`` of its mass; ``p`` found by bisection."""
+    shares = _shares(scores)
+    cumulative = [shares[i, :n].sort(descending=True).values.cumsum(0) for i, n in enumerate(budget.num_experts)]
+
+    def counts_at(p: float) -> list[int]:
+        return [
+            max(budget.min_keep, min(n, int((cum < p - 1e-12).sum().item()) + 1))
+            for cum, n in zip(cumulative, budget.num_experts, strict=False)
+        ]
+
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(counts_at(middle)) <= budget.keep_total:
+            low = middle
+        else:
+            high = middle
+    return _greedy_fill(shares, counts_at(low), budget)
+
+
+ALLOCATIONS: dict[str, Callable[[torch.Tensor, Budget], list[int]]] = {
+    "uniform": allocate_uniform,
+    "global": allocate_global,
+    "coverage": allocate_coverage,
+}
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------------
+@dataclass
+class PrunePlan:
+    kept_experts: dict[int, list[int]]
+    top_k: int | None = None  # a lowered top-k, or None to keep the model's
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "kept_experts": {str(layer): ids for layer, ids in sorted(self.kept_experts.items())},
+            "top_k": self.top_k,
+            **self.metadata,
+        }
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "plan") -> PrunePlan:
+        if not isinstance(data, dict) or "kept_experts" not in data:
+            raise ValueError(f"{source} is not a prune plan: it needs a 'kept_experts' mapping.")
+        kept = {}
+        for layer, ids in data["kept_experts"].items():
+            try:
+                index = int(layer)
+            except ValueError:
+                raise ValueError(f"{source}: layer key {layer!r} is not a decoder-layer index.") from None
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"{source}: layer {layer} must map to a list of expert ids (integers).")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{source}: layer {layer} lists an expert twice: {ids}.")
+            kept[index] = sorted(ids)
+        top_k = data.get("top_k")
+        metadata = {k: v for k, v in data.items() if k not in ("kept_experts", "top_k")}
+        return cls(kept, top_k, metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No prune plan at {path}; create one with `moe-specialist plan`.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}.") from error
+        return cls.from_dict(data, str(path))
+
+    def validate(self, moe: MoEModel) -> None:
+        """A clear error for any layer, expert or count the model cannot take."""
+        counts = moe.experts_per_layer
+        top_k = self.top_k or moe.top_k
+        if self.top_k is not None and not 1 <= self.top_k <= moe.top_k:
+            raise ValueError(f"Plan top_k={self.top_k} must be between 1 and the model's top-k ({moe.top_k}).")
+        for layer, ids in self.kept_experts.items():
+            if layer not in counts:
+                raise ValueError(
+                    f"The plan names decoder layer {layer}, which is not an MoE layer of {moe.architecture}; MoE "
+                    f"layers are {moe.layer_indices}."
+                )
+            bad = [i for i in ids if not 0 <= i < counts[layer]]
+            if bad:
+                raise ValueError(f"Layer {layer} has experts 0..{counts[layer] - 1}; the plan names {bad}.")
+            if len(ids) < top_k:
+                raise ValueError(
+                    f"Layer {layer} would keep {len(ids)} experts, fewer than top-k={top_k}: every token needs "
+                    f"{top_k} experts. Keep more experts or lower top-k explicitly (plan 'top_k')."
+                )
+            if moe.n_group > 1:
+                check_groups(ids, counts[layer], moe.n_group, layer)
+
+    def experts_removed(self, moe: MoEModel) -> int:
+        return sum(moe.experts_per_layer[layer] - len(ids) for layer, ids in self.kept_experts.items())
+
+
+def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> None:
+    """Group-limited routers index groups as contiguous blocks: each must keep the same number of experts."""
+    size = num_experts // n_group
+    per_group = [sum(1 for i in ids if i // size == g) for g in range(n_group)]
+    if len(set(per_group)) != 1:
+        raise ValueError(
+            f"Layer {layer} uses group-limited routing (n_group={n_group}); every group must keep the same number "
+            f"of experts, but the plan keeps {per_group} per group."
+        )
+
+
+def validate_ratio(ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning_ratio must be in [0, 1) (share of routed experts removed), got {ratio}.")
+    return ratio
+
+
+def make_plan(
+    moe: MoEModel,
+    stats: RoutingStats,
+    ratio: float,
+    criterion: str = "frequency",
+    allocation: str = "uniform",
+    groups: list[str] | None = None,
+    roles: list[str] | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> PrunePlan:
+    """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``."""
+    validate_ratio(ratio)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
+    stats.validate_for(moe)
+    if top_k is not None and not 1 <= top_k <= moe.top_k:
+        raise ValueError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
+    scores = score_experts(stats, criterion, groups, roles, seed)
+    num_experts = stats.num_experts
+    min_keep = top_k or moe.top_k
+    min_per_group = 1
+    if moe.n_group > 1:
+        _, topk_group = _topk_group(moe)
+        min_per_group = max(2, math.ceil(min_keep / topk_group))
+        min_keep = max(min_keep, min_per_group * moe.n_group)
+    total = sum(num_experts)
+    keep_total = round(total * (1 - ratio))
+    if keep_total < min_keep * len(num_experts):
+        max_ratio = 1 - min_keep * len(num_experts) / total
+        raise ValueError(
+            f"Pruning {ratio:.1%} of {total} experts leaves {keep_total}, but each of the {len(num_experts)} MoE "
+            f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
+            "lower top-k explicitly (--top_k)."
+        )
+    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group)
+    counts = ALLOCATIONS[allocation](scores, budget)
+    kept = {}
+    for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=False)):
+        kept[layer] = _select(scores[position, :n], count, budget)
+    kept_total = sum(len(ids) for ids in kept.values())
+    plan = PrunePlan(
+        kept,
+        top_k,
+        {
+            "pruning_ratio": ratio,
+            "actual_ratio": round(1 - kept_total / total, 6),
+            "criterion": criterion,
+            "allocation": allocation,
+            "groups": groups,
+            "roles": roles,
+            "seed": seed,
+            "model": stats.metadata.get("model"),
+            "config_hash": stats.metadata.get("config_hash"),
+            "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=False)},
+            "created_by": f"moe-specialist {__version__}",
+        },
+    )
+    plan.validate(moe)
+    return plan
+
+
+def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
+    from moe_specialist.architectures import TOPK_GROUP_FIELDS, text_config
+
+    config = text_config(moe.model.config)
+    for name in TOPK_GROUP_FIELDS:
+        if getattr(config, name, None) is not None:
+            return name, int(getattr(config, name))
+    return None, moe.n_group
+
+
+def _select(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
+    """The ``count`` best experts of a layer; with group-limited routing, the same number in every group."""
+    if budget.n_group <= 1:
+        return sorted(scores.topk(count).indices.tolist())
+    size = len(scores) // budget.n_group
+    per_group = max(budget.min_per_group, round(count / budget.n_group))
+    per_group = min(per_group, size)
+    kept = []
+    for g in range(budget.n_group):
+        block = scores[g * size : (g + 1) * size]
+        kept += [g * size + i for i in block.topk(per_group).indices.tolist()]
+    return sorted(kept)

@@ -1,0 +1,329 @@
+"""Physical expert pruning: slice expert tensors, router rows and every per-expert tensor; fix the config.
+
+Two paths give identical tensors:
+
+- :func:`prune_model` works in memory on an instantiated model;
+- :func:`prune_checkpoint` rewrites a safetensors checkpoint shard by shard without instantiating the model (the way
+  to prune checkpoints larger than memory).
+
+A uniform plan (same count in every MoE layer) gives a standard checkpoint that plain
+``AutoModelForCausalLM.from_pretrained`` reloads. A non-uniform plan records the per-layer counts under the config
+key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with exactly those counts (plain
+``from_pretrained`` refuses such a checkpoint with a size-mismatch error rather than re-initialising anything).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_specialist.architectures import (
+    COUNT_ATTRIBUTES,
+    COUNT_FIELDS,
+    PER_LAYER_COUNT_KEY,
+    TOP_K_ATTRIBUTES,
+    TOP_K_FIELDS,
+    MoEModel,
+    find_moe,
+    text_config,
+)
+from moe_specialist.io import atomic_write_json, atomic_write_text, staging_dir
+from moe_specialist.plan import PrunePlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneReport:
+    experts_before: dict[int, int]
+    experts_after: dict[int, int]
+    parameters_before: dict[str, int]
+    parameters_after: dict[str, int]
+    top_k_before: int
+    top_k_after: int
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.experts_after.values())) == 1
+
+    @property
+    def ratio(self) -> float:
+        return 1 - sum(self.experts_after.values()) / sum(self.experts_before.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "experts_before": {str(k): v for k, v in self.experts_before.items()},
+            "experts_after": {str(k): v for k, v in self.experts_after.items()},
+            "pruning_ratio": round(self.ratio, 6),
+            "parameters_before": self.parameters_before,
+            "parameters_after": self.parameters_after,
+            "top_k_before": self.top_k_before,
+            "top_k_after": self.top_k_after,
+        }
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def _set_counts(modules: list[nn.Module], old: int, new: int, attributes: tuple[str, ...]) -> None:
+    for module in modules:
+        for attribute in attributes:
+            if getattr(module, attribute, None) == old and not isinstance(
+                getattr(type(module), attribute, None), property
+            ):
+                setattr(module, attribute, new)
+
+
+def update_config(config, experts_per_layer: dict[int, int], top_k: int | None) -> None:
+    """Write the new expert count(s) and top-k into ``config`` (the text config of multimodal models).
+
+    ``experts_per_layer`` covers every MoE layer. The count fields get the largest count; when layers differ, the
+    per-layer counts go under ``moe_experts_per_layer``.
+    """
+    config = text_config(config)
+    counts = set(experts_per_layer.values())
+    for name in COUNT_FIELDS:
+        if getattr(config, name, None) is not None:
+            setattr(config, name, max(counts))
+    if len(counts) > 1:
+        setattr(config, PER_LAYER_COUNT_KEY, {str(k): v for k, v in sorted(experts_per_layer.items())})
+    elif hasattr(config, PER_LAYER_COUNT_KEY):
+        delattr(config, PER_LAYER_COUNT_KEY)
+    if top_k is not None:
+        for name in TOP_K_FIELDS:
+            if getattr(config, name, None) is not None:
+                setattr(config, name, top_k)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) -> PruneReport:
+    """Prune ``model`` in place following ``plan``; shared experts and dense layers are untouched."""
+    moe = moe or find_moe(model)
+    plan.validate(moe)
+    before = moe.experts_per_layer
+    parameters_before = moe.parameter_counts()
+    top_k_before = moe.top_k
+    new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != moe.top_k else None
+    for layer in moe.layers:
+        ids = plan.kept_experts.get(layer.layer_index)
+        if ids is None or (len(ids) == layer.num_experts and new_top_k is None):
+            continue
+        keep = torch.tensor(ids, dtype=torch.long)
+        for t in layer.tensors:
+            sliced = t.tensor.index_select(t.dim, keep.to(t.tensor.device)).clone()
+            _replace_tensor(t.module, t.name, sliced)
+        touched = [layer.block, layer.experts, *layer.router.modules()]
+        _set_counts(touched, layer.num_experts, len(ids), COUNT_ATTRIBUTES)
+        if new_top_k is not None:
+            _set_counts(touched, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
+        layer.num_experts = len(ids)
+    after = {layer.layer_index: layer.num_experts for layer in moe.layers}
+    original = max(before.values())
+    update_config(model.config, after, new_top_k)
+    # cached counts outside the blocks (e.g. the causal LM's num_experts, used by the aux loss)
+    inside = {id(m) for layer in moe.layers for m in layer.block.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    _set_counts(outside, original, max(after.values()), COUNT_FIELDS)
+    if new_top_k is not None:
+        _set_counts(outside, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
+        moe.top_k = new_top_k
+    if len(set(after.values())) > 1:
+        logger.warning(
+            "Layers keep different numbers of experts %s: the router aux loss of transformers assumes one count and "
+            "is switched off (output_router_logits=False) for this model.",
+            sorted(set(after.values())),
+        )
+        text_config(model.config).output_router_logits = False
+    return PruneReport(before, after, parameters_before, moe.parameter_counts(), top_k_before, moe.top_k)
+
+
+# ---- loading a non-uniform checkpoint -------------------------------------------------------------------------------
+def _per_layer_class(base: type) -> type:
+    """A subclass of ``base`` that builds each MoE layer with its own expert count (from the config).
+
+    transformers' own loader (key conversions included) then fills it, so original-format and fused checkpoints
+    both load, and a size mismatch is still an error rather than a random re-initialisation.
+    """
+
+    class PerLayerExperts(base):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None) or {}
+            moe = find_moe(self)
+            prune_model(self, _shape_plan(moe, {int(layer): n for layer, n in per_layer.items()}), moe)
+
+    PerLayerExperts.__name__ = PerLayerExperts.__qualname__ = base.__name__
+    return PerLayerExperts
+
+
+def _shape_plan(moe: MoEModel, counts: dict[int, int]) -> PrunePlan:
+    """A plan that only sets shapes (weights are loaded afterwards), balanced over routing groups."""
+    kept = {}
+    for layer, n in counts.items():
+        size = moe.layer(layer).num_experts // moe.n_group
+        kept[layer] = [g * size + i for g in range(moe.n_group) for i in range(n // moe.n_group)]
+    return PrunePlan(kept)
+
+
+def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
+    """Load a checkpoint written by this tool, uniform or not, with exactly its per-layer expert counts."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    if not getattr(text_config(config), PER_LAYER_COUNT_KEY, None):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+    return _per_layer_class(base).from_pretrained(path, config=config, **kwargs)
+
+
+def save_pruned_model(
+    model: nn.Module,
+    output_dir: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too)."""
+    with staging_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(text, tmp / name)
+    return Path(output_dir)
+
+
+# ---- on disk --------------------------------------------------------------------------------------------------------
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+_KEY_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+# Substrings of on-disk names that can hold per-expert tensors outside an ``experts.{i}`` prefix (fused experts,
+# routers, score-correction biases), in the original formats of the supported families.
+_MOE_NAME_HINTS = (
+    "experts",
+    "gate",
+    "router",
+    "input_linear",
+    "output_linear",
+    "moe_statics",
+    "expert_bias",
+    "e_score_correction_bias",
+    "per_expert_scale",
+)
+_SHARED_HINTS = ("shared",)
+
+
+def _shard_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"No safetensors checkpoint in {path} (model.safetensors or its index).")
+
+
+def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]):
+    """(new key, tensor) for one checkpoint entry, or None when the entry belongs to a removed expert."""
+    layer_match = _KEY_LAYER.search(key)
+    layer = int(layer_match.group(1)) if layer_match else None
+    if layer is None or layer not in plan_kept or layer not in counts:
+        return key, tensor_loader()
+    kept, n = plan_kept[layer], counts[layer]
+    expert = _EXPERT_KEY.match(key)
+    if expert and not any(h in key for h in _SHARED_HINTS):
+        index = int(expert.group("expert"))
+        if index not in kept:
+            return None
+        return f"{expert.group('prefix')}.{kept.index(index)}.{expert.group('rest')}", tensor_loader()
+    name = key.lower()
+    if any(h in name for h in _MOE_NAME_HINTS) and not any(h in name for h in _SHARED_HINTS) and n in shape:
+        dims = [d for d, size in enumerate(shape) if size == n]
+        if len(dims) != 1:
+            raise ValueError(f"Cannot tell which dimension of {key} {shape} indexes the {n} experts.")
+        tensor = tensor_loader()
+        return key, tensor.index_select(dims[0], torch.tensor(kept, dtype=torch.long)).contiguous()
+    return key, tensor_loader()
+
+
+def prune_checkpoint(
+    model_dir: str | Path,
+    plan: PrunePlan,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    model_card: str | None = None,
+) -> dict:
+    """Rewrite a safetensors checkpoint shard by shard; peak memory is about one shard."""
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    meta_moe = _meta_structure(config)
+    plan.validate(meta_moe)
+    counts = meta_moe.experts_per_layer
+    after = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in counts.items()}
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    with staging_dir(output_dir, overwrite) as tmp:
+        for shard in _shard_files(model_dir):
+            out: dict[str, torch.Tensor] = {}
+            try:
+                with safe_open(str(model_dir / shard), framework="pt") as f:
+                    metadata = f.metadata() or {}
+                    for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                        shape = list(f.get_slice(key).get_shape())
+                        result = _prune_tensor(key, lambda k=key: f.get_tensor(k), shape, plan.kept_experts, counts)
+                        if result is not None:
+                            new_key, tensor = result
+                            out[new_key] = tensor
+            except Exception as error:
+                if isinstance(error, ValueError) and "dimension" in str(error):
+                    raise
+                raise ValueError(
+                    f"Cannot read {model_dir / shard}: truncated or corrupt safetensors ({error})."
+                ) from error
+            save_file(out, str(tmp / shard), metadata={**metadata, "format": metadata.get("format", "pt")})
+            for key, tensor in out.items():
+                weight_map[key] = shard
+                total_size += tensor.numel() * tensor.element_size()
+            del out
+        if (model_dir / "model.safetensors.index.json").is_file():
+            atomic_write_json(
+                {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                tmp / "model.safetensors.index.json",
+            )
+        new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
+        update_config(config, after, new_top_k)
+        config.save_pretrained(tmp)
+        for item in model_dir.iterdir():  # tokenizer, generation config, chat template...
+            if (
+                item.is_file()
+                and item.suffix != ".safetensors"
+                and item.name not in ("config.json", "model.safetensors.index.json", "README.md")
+            ):
+                shutil.copy2(item, tmp / item.name)
+        plan.save(tmp / "prune_plan.json")
+        if model_card:
+            atomic_write_text(model_card, tmp / "README.md")
+    return {"experts_before": counts, "experts_after": after, "total_size": total_size}
+
+
+def _meta_structure(config) -> MoEModel:
+    """The MoE structure of a config without allocating weights (meta device)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None)
+    moe = find_moe(model)
+    if per_layer:
+        for layer in moe.layers:
+            layer.num_experts = int(per_layer.get(str(layer.layer_index), layer.num_experts))
+    return moe

@@ -1,0 +1,116 @@
+"""Criteria and allocations on hand-made statistics with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_specialist.architectures import find_moe
+from moe_specialist.plan import PrunePlan, make_plan, score_experts
+from moe_specialist.stats import RoutingStats
+from tests.tiny_models import tiny_model
+
+
+def stats_with(
+    counts: torch.Tensor, gate: torch.Tensor | None = None, reap: torch.Tensor | None = None, layers=None
+) -> RoutingStats:
+    """Statistics for one group ('en-fr'), all on target tokens; counts shaped [layer, expert]."""
+    n_layers, n_experts = counts.shape
+    stats = RoutingStats.empty(["en-fr"], layers or list(range(n_layers)), [n_experts] * n_layers)
+    stats.count[0, 1] = counts
+    stats.gate_mass[0, 1] = gate if gate is not None else counts * 0.5
+    stats.reap_sum[0, 1] = reap if reap is not None else counts
+    stats.tokens[0, 1] = counts.sum() / 2
+    return stats
+
+
+@pytest.fixture
+def qwen():
+    return find_moe(tiny_model("qwen3_moe"))
+
+
+def skewed_counts() -> torch.Tensor:
+    # layer 0: concentrated on experts 0-1; layers 1-3: spread evenly (decreasing by expert id)
+    counts = torch.tensor(
+        [[100.0, 90, 2, 2, 1, 1, 1, 1]] + [[20.0, 19, 18, 17, 16, 15, 14, 13]] * 3, dtype=torch.float64
+    )
+    return counts
+
+
+def test_frequency_keeps_the_most_routed_experts(qwen):
+    plan = make_plan(qwen, stats_with(skewed_counts()), ratio=0.5, criterion="frequency", allocation="uniform")
+    assert plan.kept_experts == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
+    assert plan.metadata["actual_ratio"] == 0.5
+
+
+def test_gate_mass_and_reap_rank_differently_from_frequency(qwen):
+    counts = torch.full((4, 8), 10.0, dtype=torch.float64)
+    gate = torch.arange(8, dtype=torch.float64).repeat(4, 1)  # expert 7 carries the most weight
+    reap = gate.flip(1) * counts  # mean g*||f|| largest for expert 0
+    stats = stats_with(counts, gate, reap)
+    by_gate = make_plan(qwen, stats, 0.75, criterion="gate_mass")
+    by_reap = make_plan(qwen, stats, 0.75, criterion="reap")
+    assert by_gate.kept_experts[0] == [6, 7]
+    assert by_reap.kept_experts[0] == [0, 1]
+    assert torch.allclose(score_experts(stats, "reap")[0], gate.flip(1)[0])
+
+
+def test_random_is_seeded(qwen):
+    stats = stats_with(skewed_counts())
+    a = make_plan(qwen, stats, 0.5, criterion="random", seed=1)
+    b = make_plan(qwen, stats, 0.5, criterion="random", seed=1)
+    c = make_plan(qwen, stats, 0.5, criterion="random", seed=2)
+    assert a.kept_experts == b.kept_experts != c.kept_experts
+
+
+def test_global_allocation_moves_budget_to_spread_layers(qwen):
+    plan = make_plan(qwen, stats_with(skewed_counts()), 0.5, criterion="frequency", allocation="global")
+    kept = {layer: len(ids) for layer, ids in plan.kept_experts.items()}
+    assert sum(kept.values()) == 16
+    assert kept[0] == 2  # the concentrated layer gives its slots away, down to top-k
+    assert min(kept.values()) >= 2
+
+
+def test_coverage_allocation_meets_the_budget_exactly(qwen):
+    for ratio in (0.25, 0.5, 0.625, 0.75):
+        plan = make_plan(qwen, stats_with(skewed_counts()), ratio, criterion="frequency", allocation="coverage")
+        kept = [len(ids) for ids in plan.kept_experts.values()]
+        assert sum(kept) == round(32 * (1 - ratio))
+        assert min(kept) >= 2
+        assert kept[0] <= min(kept[1:])  # the concentrated layer reaches the coverage with fewer experts
+
+
+def test_ratio_and_top_k_errors(qwen):
+    stats = stats_with(skewed_counts())
+    with pytest.raises(ValueError, match=r"pruning_ratio must be in \[0, 1\)"):
+        make_plan(qwen, stats, 1.0)
+    with pytest.raises(ValueError, match=r"needs at least 2 \(top-k=2\).*--top_k"):
+        make_plan(qwen, stats, 0.85)
+    plan = make_plan(qwen, stats, 0.85, top_k=1)
+    assert plan.top_k == 1 and all(len(ids) >= 1 for ids in plan.kept_experts.values())
+    with pytest.raises(ValueError, match="Unknown criterion 'magic'"):
+        make_plan(qwen, stats, 0.5, criterion="magic")
+    with pytest.raises(ValueError, match="Unknown allocation 'smart'"):
+        make_plan(qwen, stats, 0.5, allocation="smart")
+
+
+def test_group_limited_plans_keep_the_same_count_per_group():
+    moe = find_moe(tiny_model("deepseek_v3"))  # n_group=2, MoE layers 1..3
+    counts = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3, 2]] * 3, dtype=torch.float64)
+    plan = make_plan(moe, stats_with(counts, layers=[1, 2, 3]), 0.5, criterion="frequency")
+    for ids in plan.kept_experts.values():
+        assert sum(i < 4 for i in ids) == sum(i >= 4 for i in ids) == 2
+    assert plan.kept_experts[1] == [0, 1, 4, 5]
+
+
+def test_plan_round_trip(tmp_path, qwen):
+    plan = make_plan(qwen, stats_with(skewed_counts()), 0.5, criterion="gate_mass", allocation="global")
+    plan.save(tmp_path / "plan.json")
+    loaded = PrunePlan.load(tmp_path / "plan.json")
+    assert loaded.kept_experts == plan.kept_experts
+    assert loaded.metadata["criterion"] == "gate_mass" and loaded.metadata["allocation"] == "global"
+
+
+def test_statistics_of_another_structure_are_refused(qwen):
+    with pytest.raises(ValueError, match="calibrate this model"):
+        make_plan(qwen, stats_with(torch.ones(3, 8, dtype=torch.float64)), 0.5)

@@ -1,0 +1,211 @@
+"""Physical pruning on tiny random models of every supported family: identity, exactness, reload, on-disk parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moe_specialist.architectures import find_moe
+from moe_specialist.plan import PrunePlan
+from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
+from moe_specialist.stats import RoutingCollector
+from tests.tiny_models import TINY_CONFIGS, tiny_model
+
+ARCHS = sorted(TINY_CONFIGS)
+INPUT = torch.tensor([[5, 17, 42, 8, 63]])
+SHORT = INPUT[:, :3]  # 3 tokens x top-2 leave at least 2 of 8 experts unrouted in every layer
+
+
+def logits(model, ids=INPUT):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def routed_counts(model, ids=INPUT) -> dict[int, torch.Tensor]:
+    moe = find_moe(model)
+    with torch.no_grad(), RoutingCollector(moe, ["x"]) as collector:
+        collector.label(torch.zeros_like(ids), torch.zeros_like(ids))
+        model(ids)
+    count = collector.stats.count[0, 0]
+    return {layer: count[i, : moe.layers[i].num_experts] for i, layer in enumerate(moe.layer_indices)}
+
+
+def non_uniform_plan(model) -> PrunePlan:
+    moe = find_moe(model)
+    kept = {}
+    for position, layer in enumerate(moe.layers):
+        n = max(moe.top_k * moe.n_group, layer.num_experts - 2 * (position % 2 + 1) * moe.n_group // moe.n_group)
+        if moe.n_group > 1:  # the same count in every group
+            size = layer.num_experts // moe.n_group
+            per = max(2, n // moe.n_group)
+            kept[layer.layer_index] = [g * size + i for g in range(moe.n_group) for i in range(per)]
+        else:
+            kept[layer.layer_index] = list(range(layer.num_experts))[-n:]
+    return PrunePlan(kept)
+
+
+def uniform_plan(model, keep: int = 6) -> PrunePlan:
+    moe = find_moe(model)
+    if moe.n_group > 1:
+        size = moe.layers[0].num_experts // moe.n_group
+        per = keep // moe.n_group
+        return PrunePlan(
+            {
+                layer: [g * size + size - per + i for g in range(moe.n_group) for i in range(per)]
+                for layer in moe.layer_indices
+            }
+        )
+    return PrunePlan({layer: list(range(8 - keep, 8)) for layer in moe.layer_indices})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keeping_every_expert_is_bit_identical(arch):
+    model = tiny_model(arch)
+    before = logits(model)
+    moe = find_moe(model)
+    report = prune_model(model, PrunePlan({layer: list(range(8)) for layer in moe.layer_indices}), moe)
+    assert torch.equal(logits(model), before)
+    assert report.ratio == 0.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removing_unrouted_experts_is_exact_and_removing_a_routed_one_is_not(arch):
+    model = tiny_model(arch)
+    moe = find_moe(model)
+    if moe.routing.exact is not True:
+        pytest.skip(f"{arch}: routing {moe.routing.kind} is not exact by construction ({moe.routing.reason})")
+    before = logits(model, SHORT)
+    counts = routed_counts(model, SHORT)
+    unused = {layer: [e for e in range(8) if counts[layer][e] == 0] for layer in counts}
+    assert all(len(ids) >= 2 for ids in unused.values())
+    plan = PrunePlan({layer: [e for e in range(8) if e not in unused[layer]] for layer in counts})
+    pruned = tiny_model(arch)
+    prune_model(pruned, plan)
+    assert (logits(pruned, SHORT) - before).abs().max().item() <= 1e-5
+    # removing a routed expert changes the output
+    layer = moe.layer_indices[0]
+    used = [e for e in range(8) if counts[layer][e] > 0]
+    damaged = tiny_model(arch)
+    prune_model(damaged, PrunePlan({layer: [e for e in range(8) if e != used[0]]}))
+    assert (logits(damaged, SHORT) - before).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_shapes_config_and_generation(arch):
+    model = tiny_model(arch)
+    plan = uniform_plan(model)
+    report = prune_model(model, plan)
+    moe = find_moe(model)
+    assert set(moe.experts_per_layer.values()) == {6}
+    for layer in moe.layers:
+        for t in layer.tensors:
+            assert t.tensor.shape[t.dim] == 6, t.path
+    for field in moe.count_fields:
+        assert getattr(model.config, field) == 6
+    assert report.parameters_after["routed_experts"] == report.parameters_before["routed_experts"] * 6 // 8
+    out = model.generate(INPUT, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, INPUT.shape[1] + 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uniform_checkpoint_reloads_with_plain_from_pretrained(arch, tmp_path):
+    model = tiny_model(arch)
+    prune_model(model, uniform_plan(model))
+    expected = logits(model)
+    save_pruned_model(model, tmp_path / "pruned")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (logits(reloaded.eval()) - expected).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_uniform_checkpoint_reloads_with_its_counts(arch, tmp_path):
+    model = tiny_model(arch)
+    plan = non_uniform_plan(model)
+    prune_model(model, plan)
+    expected = logits(model)
+    counts = find_moe(model).experts_per_layer
+    assert len(set(counts.values())) > 1
+    save_pruned_model(model, tmp_path / "pruned")
+    reloaded = load_pruned_model(tmp_path / "pruned")
+    assert find_moe(reloaded).experts_per_layer == counts
+    assert (logits(reloaded) - expected).abs().max().item() <= 1e-6
+    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["uniform", "non_uniform"])
+def test_on_disk_pruning_equals_in_memory(arch, kind, tmp_path):
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "original")
+    plan = uniform_plan(model) if kind == "uniform" else non_uniform_plan(model)
+    prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
+    prune_model(model, plan)
+    save_pruned_model(model, tmp_path / "memory")
+    disk, memory = (
+        load_file(tmp_path / "disk" / "model.safetensors"),
+        load_file(tmp_path / "memory" / "model.safetensors"),
+    )
+    assert disk.keys() == memory.keys()
+    for key in disk:
+        assert torch.equal(disk[key], memory[key]), key
+    disk_config = json.loads((tmp_path / "disk" / "config.json").read_text())
+    memory_config = json.loads((tmp_path / "memory" / "config.json").read_text())
+    for key in set(disk_config) | set(memory_config):
+        if key not in ("transformers_version", "dtype", "torch_dtype", "architectures"):
+            assert disk_config.get(key) == memory_config.get(key), key
+    assert PrunePlan.load(tmp_path / "disk" / "prune_plan.json").kept_experts == plan.kept_experts
+
+
+def test_lowering_top_k_updates_config_and_routers():
+    model = tiny_model("qwen3_moe")
+    plan = PrunePlan({layer: [0, 1, 2] for layer in range(4)}, top_k=1)
+    report = prune_model(model, plan)
+    assert report.top_k_after == 1 and model.config.num_experts_per_tok == 1
+    assert all(layer.router.top_k == 1 for layer in find_moe(model).layers)
+    assert logits(model).shape == (1, 5, 97)
+
+
+def test_plan_errors_are_clear():
+    model = tiny_model("qwen3_moe")
+    moe = find_moe(model)
+    with pytest.raises(ValueError, match="decoder layer 9, which is not an MoE layer"):
+        PrunePlan({9: [0, 1]}).validate(moe)
+    with pytest.raises(ValueError, match=r"experts 0\.\.7; the plan names \[8\]"):
+        PrunePlan({0: [0, 8]}).validate(moe)
+    with pytest.raises(ValueError, match="fewer than top-k=2"):
+        PrunePlan({0: [3]}).validate(moe)
+    with pytest.raises(ValueError, match="lists an expert twice"):
+        PrunePlan.from_dict({"kept_experts": {"0": [1, 1, 2]}})
+    with pytest.raises(ValueError, match="not a prune plan"):
+        PrunePlan.from_dict({"experts": {}})
+    deepseek = find_moe(tiny_model("deepseek_v3"))
+    with pytest.raises(ValueError, match="every group must keep the same number"):
+        PrunePlan({1: [0, 1, 2, 4, 5]}).validate(deepseek)
+
+
+def test_output_directory_is_never_overwritten_silently(tmp_path):
+    model = tiny_model("mixtral")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_pruned_model(model, tmp_path / "out")
+    model.save_pretrained(tmp_path / "original")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
+    prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "original")
+    weights = tmp_path / "original" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
