@@ -17,6 +17,7 @@ import torch
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
+from moe_specialist.configs import PruningArguments, split_list
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import RoutingStats
 
@@ -318,3 +319,24 @@ def _select(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
         block = scores[g * size : (g + 1) * size]
         kept += [g * size + i for i in block.topk(per_group).indices.tolist()]
     return sorted(kept)
+
+
+def plan_for(moe: MoEModel, stats: RoutingStats | None, args: PruningArguments) -> PrunePlan:
+    """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation."""
+    if args.prune_plan:
+        plan = PrunePlan.load(args.prune_plan)
+        plan.validate(moe)
+        return plan
+    if stats is None:
+        raise ValueError("Planning needs routing statistics (calibrate first) or a plan file (--prune_plan).")
+    return make_plan(
+        moe,
+        stats,
+        args.pruning_ratio,
+        criterion=args.pruning_criterion,
+        allocation=args.pruning_allocation,
+        groups=split_list(args.pruning_groups),
+        roles=split_list(args.pruning_roles),
+        top_k=args.pruning_top_k,
+        seed=args.pruning_seed,
+    )

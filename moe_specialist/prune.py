@@ -180,6 +180,15 @@ def _shape_plan(moe: MoEModel, counts: dict[int, int]) -> PrunePlan:
     return PrunePlan(kept)
 
 
+def structure_from_config(config) -> MoEModel:
+    """The MoE structure a config describes (per-layer counts included), without allocating weights."""
+    per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None)
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+    with torch.device("meta"):
+        model = (_per_layer_class(base) if per_layer else base)(config)
+    return find_moe(model)
+
+
 def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
     """Load a checkpoint written by this tool, uniform or not, with exactly its per-layer expert counts."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
@@ -267,7 +276,7 @@ def prune_checkpoint(
     """Rewrite a safetensors checkpoint shard by shard; peak memory is about one shard."""
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    meta_moe = _meta_structure(config)
+    meta_moe = structure_from_config(config)
     plan.validate(meta_moe)
     counts = meta_moe.experts_per_layer
     after = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in counts.items()}
@@ -315,15 +324,3 @@ def prune_checkpoint(
         if model_card:
             atomic_write_text(model_card, tmp / "README.md")
     return {"experts_before": counts, "experts_after": after, "total_size": total_size}
-
-
-def _meta_structure(config) -> MoEModel:
-    """The MoE structure of a config without allocating weights (meta device)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None)
-    moe = find_moe(model)
-    if per_layer:
-        for layer in moe.layers:
-            layer.num_experts = int(per_layer.get(str(layer.layer_index), layer.num_experts))
-    return moe

@@ -45,3 +45,22 @@ def sft_record(tokenizer, example: ParallelExample, reference_index: int = 0) ->
             "completion": [{"role": "assistant", "content": target}],
         }
     return {"prompt": format_prompt(tokenizer, example), "completion": " " + target + (tokenizer.eos_token or "")}
+
+
+def encode_prompt_completion(tokenizer, example: ParallelExample, reference_index: int = 0) -> tuple[list, list]:
+    """Token ids of the prompt and of the completion (the reference and the end-of-turn), as the model sees them.
+
+    The completion is what follows the prompt in the full rendering, so the split matches TRL's completion mask.
+    """
+    record = sft_record(tokenizer, example, reference_index)
+    if has_chat_template(tokenizer):
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("The chat template renders the prompt differently with and without the reply.")
+        completion = full[len(prompt) :]
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids, completion_ids

@@ -1,0 +1,313 @@
+"""``moe-specialist`` command line: thin front-ends that parse arguments and call the library.
+
+    moe-specialist inspect   MODEL
+    moe-specialist calibrate --model MODEL --calibration_directions en-fr --output stats.safetensors
+    moe-specialist plan      --model MODEL --statistics stats.safetensors --pruning_ratio 0.5 --output plan.json
+    moe-specialist prune     --model MODEL --plan plan.json --output DIR
+    moe-specialist evaluate  --model DIR|demo --data bible --pairs en-fr,de-en --split test --output scores.json
+    moe-specialist sweep     --config RECIPE --ratios 0,0.25,0.5 [--criteria frequency,reap] [--sft_at 0.75]
+
+Every command also takes ``--config FILE.yaml`` (values there are defaults that flags override).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import TrlParser
+
+from moe_specialist.configs import CalibrationArguments, GenerationArguments, PruningArguments
+from moe_specialist.io import atomic_write_json, prepare_output_dir
+
+logger = logging.getLogger("moe_specialist")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="demo", metadata={"aliases": ["--model"], "help": "Hub id, local directory, or 'demo'."}
+    )
+    model_revision: str | None = field(default=None)
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
+    trust_remote_code: bool = field(default=False)
+
+
+@dataclass
+class OutputArguments:
+    output: str = field(default="", metadata={"aliases": ["--output_dir"], "help": "Where to write the result."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
+
+    def checked(self) -> Path:
+        if not self.output:
+            raise ValueError("--output is required: say where to write the result.")
+        return prepare_output_dir(self.output, self.overwrite)
+
+
+@dataclass
+class PlanInputArguments:
+    statistics: str = field(default="", metadata={"help": "Routing statistics file from `moe-specialist calibrate`."})
+
+
+@dataclass
+class PruneInputArguments:
+    plan: str = field(default="", metadata={"help": "Prune plan JSON (from `moe-specialist plan` or hand-written)."})
+    mode: str = field(
+        default="auto",
+        metadata={
+            "help": "disk: rewrite safetensors shard by shard (no model in memory); memory: load, prune, save; "
+            "auto: disk for local checkpoints."
+        },
+    )
+
+
+@dataclass
+class EvaluateArguments:
+    data: str = field(default="bible", metadata={"help": "bible, flores_plus, wmt24pp or a local file."})
+    pairs: str = field(default="en-fr,de-en", metadata={"help": "Comma-separated directions."})
+    split: str = field(default="test")
+    limit: int | None = field(default=None, metadata={"help": "Examples per direction (a seeded sample)."})
+    seed: int = field(default=0)
+
+
+@dataclass
+class SweepArguments:
+    ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875")
+    criteria: str | None = field(default=None, metadata={"help": "Default: the recipe's pruning_criterion."})
+    sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
+
+
+def _parse(types, argv):
+    parser = TrlParser(types)
+    return parser.parse_args_and_config(args=argv)
+
+
+def cmd_inspect(argv: list[str]) -> None:
+    from transformers import AutoConfig
+
+    from moe_specialist.models import resolve_model_path
+    from moe_specialist.prune import structure_from_config
+
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: moe-specialist inspect MODEL [--json]")
+    path = resolve_model_path(argv[0])
+    moe = structure_from_config(AutoConfig.from_pretrained(path, trust_remote_code="--trust_remote_code" in argv))
+    report = describe(moe)
+    print(json.dumps(report, indent=2) if "--json" in argv else format_description(argv[0], report))
+
+
+def describe(moe) -> dict:
+    from moe_specialist.architectures import stored_field_name, text_config
+
+    config = text_config(moe.model.config)
+    return {
+        "architecture": moe.architecture,
+        "model_type": moe.model_type,
+        "moe_layers": moe.layer_indices,
+        "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
+        "top_k": moe.top_k,
+        "count_fields": {name: stored_field_name(config, name) for name in moe.count_fields},
+        "top_k_field": moe.top_k_field,
+        "n_group": moe.n_group,
+        "routing": {"kind": moe.routing.kind, "exact": moe.routing.exact, "reason": moe.routing.reason},
+        "shared_experts": bool(moe.layers[0].shared_expert_paths),
+        "parameters": moe.parameter_counts(),
+        "block": moe.layers[0].block_path.replace(str(moe.layers[0].layer_index), "{i}", 1),
+    }
+
+
+def format_description(name: str, report: dict) -> str:
+    params = report["parameters"]
+    counts = sorted(set(report["experts_per_layer"].values()))
+    exact = {True: "yes", False: "no", None: "only under conditions"}[report["routing"]["exact"]]
+    return "\n".join(
+        [
+            f"{name}: {report['architecture']} ({report['model_type']})",
+            f"  MoE layers       {len(report['moe_layers'])} of decoder layers {report['moe_layers']} ({report['block']})",
+            f"  experts/layer    {counts[0] if len(counts) == 1 else report['experts_per_layer']}, top-k "
+            f"{report['top_k']}, groups {report['n_group']}, shared experts: {'yes' if report['shared_experts'] else 'no'}",
+            f"  config fields    count {report['count_fields']}, top-k '{report['top_k_field']}'",
+            f"  routing          {report['routing']['kind']}; exact under pruning: {exact}",
+            f"                   ({report['routing']['reason']})",
+            f"  parameters       {params['total'] / 1e6:,.2f}M total = {params['routed_experts'] / 1e6:,.2f}M in routed "
+            f"experts + {params['other'] / 1e6:,.2f}M other; {params['active'] / 1e6:,.2f}M active per token",
+        ]
+    )
+
+
+def cmd_calibrate(argv: list[str]) -> None:
+    from moe_specialist.calibrate import statistics_for
+    from moe_specialist.models import load_model_and_tokenizer
+
+    model_args, calibration, output = _parse((ModelArguments, CalibrationArguments, OutputArguments), argv)
+    path = output.checked()
+    calibration.statistics_file = str(path)
+    state = _distributed_state()
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
+    )
+    model.to(state.device)
+    stats = statistics_for(
+        model, tokenizer, calibration, model_args.model_name_or_path, progress=state.is_main_process
+    )
+    if state.is_main_process:
+        tokens = {g: sum(v.values()) for g, v in stats.token_table().items()}
+        print(f"wrote {path}: groups {stats.groups}, tokens {tokens}, {len(stats.layers)} MoE layers")
+
+
+def _distributed_state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def cmd_plan(argv: list[str]) -> None:
+    from transformers import AutoConfig
+
+    from moe_specialist.models import resolve_model_path
+    from moe_specialist.plan import plan_for
+    from moe_specialist.prune import structure_from_config
+    from moe_specialist.stats import RoutingStats
+
+    model_args, inputs, pruning, output = _parse(
+        (ModelArguments, PlanInputArguments, PruningArguments, OutputArguments), argv
+    )
+    path = output.checked()
+    moe = structure_from_config(AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path)))
+    stats = RoutingStats.load(inputs.statistics) if inputs.statistics else None
+    plan = plan_for(moe, stats, pruning)
+    plan.metadata.setdefault("statistics", inputs.statistics or None)
+    plan.save(path)
+    kept = [len(ids) for ids in plan.kept_experts.values()]
+    print(f"wrote {path}: {plan.metadata.get('actual_ratio')} of experts removed, kept per layer {kept}")
+
+
+def cmd_prune(argv: list[str]) -> None:
+    from transformers import AutoConfig
+
+    from moe_specialist.model_card import pruned_model_card
+    from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
+    from moe_specialist.plan import PrunePlan
+    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model, structure_from_config
+
+    model_args, inputs, output = _parse((ModelArguments, PruneInputArguments, OutputArguments), argv)
+    path = output.checked()
+    if not inputs.plan:
+        raise ValueError("--plan is required: a prune plan JSON from `moe-specialist plan`.")
+    plan = PrunePlan.load(inputs.plan)
+    source = resolve_model_path(model_args.model_name_or_path)
+    local = Path(source).is_dir()
+    mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
+    if mode not in ("disk", "memory"):
+        raise ValueError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
+    if mode == "disk":
+        if not local:
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(source, revision=model_args.model_revision)
+        config = AutoConfig.from_pretrained(source)
+        before = structure_from_config(config)
+        summary_before = _summary(before)
+        plan.validate(before)
+        after_config = AutoConfig.from_pretrained(source)
+        from moe_specialist.prune import update_config
+
+        counts = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in before.experts_per_layer.items()}
+        update_config(after_config, counts, plan.top_k)
+        summary_after = _summary(structure_from_config(after_config))
+        card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, summary_after, before.routing)
+        prune_checkpoint(source, plan, path, overwrite=output.overwrite, model_card=card)
+    else:
+        from moe_specialist.architectures import find_moe
+
+        model, tokenizer = load_model_and_tokenizer(
+            source, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
+        )
+        moe = find_moe(model)
+        summary_before = _summary(moe)
+        prune_model(model, plan, moe)
+        card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, _summary(moe), moe.routing)
+        save_pruned_model(
+            model,
+            path,
+            tokenizer,
+            overwrite=output.overwrite,
+            extra_files={"README.md": card, "prune_plan.json": json.dumps(plan.to_dict(), indent=2)},
+        )
+    print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")
+
+
+def _summary(moe) -> dict:
+    return {
+        "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
+        "parameters": moe.parameter_counts(),
+        "top_k": moe.top_k,
+    }
+
+
+def cmd_evaluate(argv: list[str]) -> None:
+    from moe_specialist.data.sources import load_examples
+    from moe_specialist.evaluate import evaluate_translations, summary_line
+    from moe_specialist.models import load_model_and_tokenizer
+
+    model_args, evaluation, generation, output = _parse(
+        (ModelArguments, EvaluateArguments, GenerationArguments, OutputArguments), argv
+    )
+    path = output.checked() if output.output else None
+    examples = load_examples(
+        evaluation.data, evaluation.pairs, evaluation.split, limit=evaluation.limit, seed=evaluation.seed
+    )
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
+    )
+    result = evaluate_translations(
+        model,
+        tokenizer,
+        examples,
+        batch_size=generation.generation_batch_size,
+        max_new_tokens=generation.max_new_tokens,
+        no_repeat_ngram_size=generation.no_repeat_ngram_size,
+    )
+    result = {
+        "model": model_args.model_name_or_path,
+        "data": evaluation.data,
+        "split": evaluation.split,
+        "limit": evaluation.limit,
+        "dtype": model_args.dtype,
+        **result,
+    }
+    if path:
+        atomic_write_json(result, path)
+    print(summary_line(result))
+
+
+def cmd_sweep(argv: list[str]) -> None:
+    from moe_specialist.sweep import run_sweep_cli
+
+    run_sweep_cli(argv)
+
+
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "calibrate": cmd_calibrate,
+    "plan": cmd_plan,
+    "prune": cmd_prune,
+    "evaluate": cmd_evaluate,
+    "sweep": cmd_sweep,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else f"unknown command {argv[0]!r}")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

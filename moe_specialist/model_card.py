@@ -1,0 +1,70 @@
+"""README.md model cards for pruned checkpoints: what was removed, from what, how, and how to load it."""
+
+from __future__ import annotations
+
+from moe_specialist import __version__
+from moe_specialist.architectures import MoEModel
+from moe_specialist.plan import PrunePlan
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def pruned_model_card(source: str, plan: PrunePlan, before: MoEModel | dict, after: dict, routing) -> str:
+    """Markdown card. ``before``/``after`` hold ``experts_per_layer`` and ``parameters`` (see ``prune.PruneReport``)."""
+    meta = plan.metadata
+    per_layer = after["experts_per_layer"]
+    uniform = len(set(per_layer.values())) == 1
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe-specialist, expert-pruning, translation]",
+        f"base_model: {source}",
+        "---",
+        "",
+        f"# {source}, expert-pruned",
+        "",
+        f"Made with moe-specialist {__version__}: routed experts removed physically (expert weights, router rows and "
+        "every per-expert tensor); shared experts and dense layers untouched.",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| routed experts | {sum(before['experts_per_layer'].values())} | {sum(per_layer.values())} |",
+        f"| parameters | {_millions(before['parameters']['total'])} | {_millions(after['parameters']['total'])} |",
+        f"| parameters in routed experts | {_millions(before['parameters']['routed_experts'])} | "
+        f"{_millions(after['parameters']['routed_experts'])} |",
+        f"| active parameters per token | {_millions(before['parameters']['active'])} | "
+        f"{_millions(after['parameters']['active'])} |",
+        f"| top-k | {before['top_k']} | {after['top_k']} |",
+        "",
+        f"- Pruning ratio: {meta.get('actual_ratio', 'n/a')} of routed experts (target {meta.get('pruning_ratio', 'n/a')}).",
+        f"- Criterion: `{meta.get('criterion', 'hand-written plan')}`; allocation: `{meta.get('allocation', 'n/a')}`; "
+        f"statistics groups: {meta.get('groups') or 'all'}; roles: {meta.get('roles') or 'source + target'}.",
+        f"- Routing: `{routing.kind}`, exact under pruning: {routing.exact} ({routing.reason}).",
+        f"- Experts kept per MoE layer: {', '.join(f'{k}: {v}' for k, v in sorted(per_layer.items(), key=lambda kv: int(kv[0])))}.",
+        "- The kept expert ids are in `prune_plan.json`, which replays on the same or a sibling checkpoint.",
+        "",
+        "## Loading",
+        "",
+    ]
+    if uniform:
+        lines += [
+            "Every MoE layer keeps the same number of experts: plain transformers loads it.",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")',
+            "```",
+        ]
+    else:
+        lines += [
+            "MoE layers keep different numbers of experts (config key `moe_experts_per_layer`); plain "
+            "`from_pretrained` refuses it with a size-mismatch error. Load it with moe-specialist:",
+            "",
+            "```python",
+            "from moe_specialist.prune import load_pruned_model",
+            'model = load_pruned_model("path/to/this/model")',
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
