@@ -31,12 +31,16 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    **model_kwargs,
 ):
-    """Model (any per-layer expert counts) and tokenizer with a pad token, ready for left-padded generation."""
+    """Model (any per-layer expert counts) and tokenizer with a pad token, ready for left-padded generation.
+
+    ``model_kwargs`` (e.g. ``attn_implementation``) go to ``from_pretrained`` only.
+    """
     path = resolve_model_path(name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    model = load_pruned_model(path, dtype=dtype, **kwargs)
+    model = load_pruned_model(path, dtype=dtype, **kwargs, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -60,6 +60,28 @@ def random(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
     return torch.rand(stats.count.shape[2:], generator=generator, dtype=torch.float64)
 
 
+@register_criterion("language_aware")
+def language_aware(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """Gate mass as a share of each (direction, role) slice, averaged over the slices.
+
+    Source (prompt) and target (completion) tokens of a direction route to different, language-specific experts in
+    early and late layers; summing raw counts lets whichever side has more tokens (and any direction with more data)
+    decide. Normalising each slice per layer gives every language side of every direction an equal say.
+    """
+    chosen_groups = groups or stats.groups
+    chosen_roles = roles or [r for r in ("source", "target")]
+    slices = []
+    for group in chosen_groups:
+        for role in chosen_roles:
+            mass = stats.select([group], [role])["gate_mass"]
+            total = mass.sum(dim=1, keepdim=True)
+            if float(total.sum()) > 0:
+                slices.append(mass / total.clamp_min(1e-300))
+    if not slices:
+        raise ValueError(f"No routed tokens in groups {chosen_groups} and roles {chosen_roles}.")
+    return torch.stack(slices).mean(0)
+
+
 def score_experts(stats: RoutingStats, criterion: str, groups=None, roles=None, seed: int = 0) -> torch.Tensor:
     if criterion not in CRITERIA:
         raise ValueError(f"Unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")

@@ -204,10 +204,14 @@ def save_pruned_model(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too)."""
+    """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too).
+
+    ``state_dict`` replaces the model's own tensors (e.g. the gathered weights of a DeepSpeed ZeRO-3 model).
+    """
     with staging_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

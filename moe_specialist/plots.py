@@ -1,0 +1,78 @@
+"""PNG figures of a sweep: quality against pruning ratio, and expert usage with the kept experts marked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from moe_specialist.plan import PrunePlan  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def plot_quality_curve(rows: list[dict], path: Path, metric: str = "chrf++", title: str = "") -> None:
+    """One line per criterion (prune-only solid, after SFT dashed), ``metric`` against the pruning ratio."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for sft in (False, True):
+        by_criterion: dict[str, list[tuple[float, float]]] = {}
+        for row in rows:
+            if row["sft"] == sft:
+                by_criterion.setdefault(row["criterion"], []).append((row["pruning_ratio"], row[metric]))
+        for criterion, points in sorted(by_criterion.items()):
+            points.sort()
+            style = "--o" if sft else "-o"
+            line = ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                color=colors.get(criterion),
+                label=f"{criterion}{' + SFT' if sft else ''}",
+                markersize=4 if not sft else 6,
+            )[0]
+            colors.setdefault(criterion, line.get_color())
+    baseline = [r[metric] for r in rows if r["pruning_ratio"] == 0 and not r["sft"]]
+    if baseline:
+        ax.axhline(baseline[0], color="grey", linewidth=0.8, linestyle=":", label="unpruned")
+    ax.set_xlabel("share of routed experts removed")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} against pruning ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+
+
+def plot_expert_usage(
+    shares: torch.Tensor, layers: list[int], plan: PrunePlan | None, path: Path, title: str = ""
+) -> None:
+    """Heat map of expert usage per layer (share of routing decisions); kept experts outlined."""
+    fig, ax = plt.subplots(figsize=(max(6, shares.shape[1] * 0.28), 1.2 + 0.55 * len(layers)))
+    image = ax.imshow(shares.numpy(), aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="share of routing decisions")
+    if plan is not None:
+        for row, layer in enumerate(layers):
+            for expert in plan.kept_experts.get(layer, range(shares.shape[1])):
+                ax.add_patch(
+                    plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2)
+                )
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.set_xlabel("expert")
+    ax.set_title(title or "expert usage (white: kept)")
+    _save(fig, path)

@@ -1,0 +1,316 @@
+"""The main job: many pruning ratios x criteria from ONE calibration, compared side by side.
+
+    moe-specialist sweep --config recipes/demo/en-fr/sweep.yaml [--ratios 0,0.5,0.75] [--criteria frequency,reap]
+                         [--sft_at 0.75,0.875] [--output_dir outputs/demo-sweep]
+
+Calibrates once (or reuses ``statistics_file``), then for every ratio x criterion: plan, prune (in memory, from the
+same base model), evaluate, and at the ``sft_at`` ratios also a short recovery SFT. Every point is written atomically
+to ``points/<id>/result.json``; a rerun skips finished points and redoes an interrupted one from scratch. The sweep
+ends with ``results.csv``, ``results.json``, plots, and (when W&B is on) one run per point plus a summary run.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moe_specialist.analysis import usage
+from moe_specialist.architectures import find_moe
+from moe_specialist.calibrate import statistics_for
+from moe_specialist.configs import split_list
+from moe_specialist.data.sources import load_examples
+from moe_specialist.evaluate import evaluate_translations
+from moe_specialist.io import atomic_write_json, atomic_write_text
+from moe_specialist.models import load_model_and_tokenizer
+from moe_specialist.plan import make_plan
+from moe_specialist.plots import plot_expert_usage, plot_quality_curve
+from moe_specialist.prune import prune_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepArguments:
+    ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875", metadata={"help": "Pruning ratios to sweep."})
+    criteria: str | None = field(default=None, metadata={"help": "Criteria to compare (default: pruning_criterion)."})
+    random_seeds: int = field(default=3, metadata={"help": "Seeds of the random baseline (reported as their mean)."})
+    sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
+    sft_criteria: str | None = field(
+        default=None, metadata={"help": "Criteria that get the SFT at sft_at ratios (default: the first criterion)."}
+    )
+    heatmap_ratio: float = field(default=0.75, metadata={"help": "Ratio whose kept experts the heat map marks."})
+
+
+@dataclass(frozen=True)
+class Point:
+    ratio: float
+    criterion: str
+    seed: int
+    sft: bool
+
+    @property
+    def id(self) -> str:
+        seed = f"-s{self.seed}" if self.criterion == "random" else ""
+        return f"r{self.ratio:.3f}-{self.criterion}{seed}{'-sft' if self.sft else ''}"
+
+
+def sweep_points(args: SweepArguments, default_criterion: str, seed: int) -> list[Point]:
+    ratios = [float(r) for r in split_list(args.ratios) or []]
+    if not ratios:
+        raise ValueError("--ratios is empty: give e.g. 0,0.5,0.75.")
+    criteria = split_list(args.criteria) or [default_criterion]
+    sft_at = [float(r) for r in split_list(args.sft_at) or []]
+    missing = [r for r in sft_at if r not in ratios]
+    if missing:
+        raise ValueError(f"--sft_at ratios {missing} are not among --ratios {ratios}.")
+    sft_criteria = split_list(args.sft_criteria) or criteria[:1]
+    unknown = [c for c in sft_criteria if c not in criteria]
+    if unknown:
+        raise ValueError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
+    points = []
+    for ratio in ratios:
+        for criterion in criteria:
+            if ratio == 0 and criterion != criteria[0]:
+                continue  # nothing is pruned: one baseline serves every criterion
+            seeds = range(args.random_seeds) if criterion == "random" and ratio > 0 else [seed]
+            for s in seeds:
+                points.append(Point(ratio, criterion, s, False))
+                if ratio in sft_at and criterion in sft_criteria:
+                    points.append(Point(ratio, criterion, s, True))
+    return points
+
+
+def checkpoint_bytes(model) -> int:
+    """Size of the weights as saved (tied weights once)."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class Sweep:
+    """Runs the points of a sweep; ``sft`` runs the recovery SFT of a point (see ``training.pipeline``)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model_name: str,
+        dtype: str,
+        calibration,
+        pruning,
+        data,
+        generation: dict,
+        sft=None,
+        wandb_logger=None,
+    ):
+        self.run_dir = run_dir
+        self.model_name = model_name
+        self.calibration, self.pruning, self.data, self.generation = calibration, pruning, data, generation
+        self.sft = sft
+        self.wandb = wandb_logger
+        self.base, self.tokenizer = load_model_and_tokenizer(model_name, dtype)
+        self.moe = find_moe(self.base)
+        calibration.statistics_file = calibration.statistics_file or str(run_dir / "stats.safetensors")
+        self.stats = statistics_for(self.base, self.tokenizer, calibration, model_name)
+        self.examples = load_examples(
+            data.eval_dataset_name or data.dataset_name,
+            data.eval_directions or data.train_directions,
+            data.eval_split,
+            limit=data.max_eval_examples,
+            seed=0,
+        )
+
+    def point_dir(self, point: Point) -> Path:
+        return self.run_dir / "points" / point.id
+
+    def run_point(self, point: Point) -> dict:
+        done = self.point_dir(point) / "result.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        shutil.rmtree(self.point_dir(point), ignore_errors=True)  # an interrupted point is redone from scratch
+        self.point_dir(point).mkdir(parents=True)
+        start = time.time()
+        plan = make_plan(
+            self.moe,
+            self.stats,
+            point.ratio,
+            criterion=point.criterion,
+            allocation=self.pruning.pruning_allocation,
+            groups=split_list(self.pruning.pruning_groups),
+            roles=split_list(self.pruning.pruning_roles),
+            top_k=self.pruning.pruning_top_k,
+            seed=point.seed,
+        )
+        plan.save(self.point_dir(point) / "prune_plan.json")
+        if point.sft:
+            scores, model = self.sft(point, plan, self.point_dir(point))
+        else:
+            model = copy.deepcopy(self.base)
+            prune_model(model, plan)
+            scores = evaluate_translations(model, self.tokenizer, self.examples, **self.generation, progress=False)
+        moe = find_moe(model)
+        result = {
+            "point": point.id,
+            **asdict(point),
+            "pruning_ratio": point.ratio,
+            "actual_ratio": plan.metadata["actual_ratio"],
+            "allocation": self.pruning.pruning_allocation,
+            "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
+            "parameters": moe.parameter_counts(),
+            "checkpoint_bytes": checkpoint_bytes(model),
+            "average": scores["average"],
+            "directions": {k: {m: v for m, v in d.items() if m != "records"} for k, d in scores["directions"].items()},
+            "seconds": round(time.time() - start, 1),
+        }
+        atomic_write_json(
+            {**result, "records": {k: d["records"] for k, d in scores["directions"].items()}},
+            self.point_dir(point) / "records.json",
+        )
+        atomic_write_json(result, done)
+        if self.wandb:
+            self.wandb.log_point(result, plan)
+        return result
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    """One row per (ratio, criterion, sft) with random seeds averaged; relative to the unpruned score."""
+    baseline = next((r["average"]["chrf++"] for r in results if r["pruning_ratio"] == 0 and not r["sft"]), None)
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["pruning_ratio"], r["criterion"], r["sft"]), []).append(r)
+    rows = []
+    for (ratio, criterion, sft), items in sorted(groups.items()):
+        mean = lambda key: sum(i["average"][key] for i in items) / len(items)  # noqa: E731
+        row = {
+            "pruning_ratio": ratio,
+            "criterion": criterion,
+            "sft": sft,
+            "seeds": len(items),
+            "chrf++": round(mean("chrf++"), 2),
+            "bleu": round(mean("bleu"), 2),
+            "off_target_rate": round(mean("off_target_rate"), 4),
+            "relative_chrf": round(mean("chrf++") / baseline, 4) if baseline else None,
+            "experts_per_layer": items[0]["experts_per_layer"],
+            "parameters_total": items[0]["parameters"]["total"],
+            "parameters_active": items[0]["parameters"]["active"],
+            "checkpoint_mb": round(items[0]["checkpoint_bytes"] / 2**20, 2),
+        }
+        if len(items) > 1:
+            row["chrf++_min"] = round(min(i["average"]["chrf++"] for i in items), 2)
+            row["chrf++_max"] = round(max(i["average"]["chrf++"] for i in items), 2)
+        rows.append(row)
+    # the unpruned baseline belongs to every criterion's curve
+    for criterion in {r["criterion"] for r in rows} - {r["criterion"] for r in rows if r["pruning_ratio"] == 0}:
+        base = next((r for r in rows if r["pruning_ratio"] == 0 and not r["sft"]), None)
+        if base:
+            rows.append({**base, "criterion": criterion})
+    return sorted(rows, key=lambda r: (r["pruning_ratio"], r["sft"], r["criterion"]))
+
+
+CSV_COLUMNS = [
+    "pruning_ratio",
+    "criterion",
+    "sft",
+    "seeds",
+    "chrf++",
+    "bleu",
+    "relative_chrf",
+    "off_target_rate",
+    "parameters_total",
+    "parameters_active",
+    "checkpoint_mb",
+    "experts_per_layer",
+]
+
+
+def write_outputs(run_dir: Path, results: list[dict], rows: list[dict], metadata: dict) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "experts_per_layer": " ".join(map(str, row["experts_per_layer"]))})
+    atomic_write_text(buffer.getvalue(), run_dir / "results.csv")
+    atomic_write_json({**metadata, "table": rows, "points": results}, run_dir / "results.json")
+
+
+def format_table(rows: list[dict]) -> str:
+    criteria = sorted({r["criterion"] for r in rows})
+    ratios = sorted({r["pruning_ratio"] for r in rows})
+    lookup = {(r["pruning_ratio"], r["criterion"], r["sft"]): r for r in rows}
+    header = f"{'ratio':>6} | " + " | ".join(f"{c:>16}" for c in criteria)
+    lines = [header, "-" * len(header)]
+    for ratio in ratios:
+        for sft in (False, True):
+            cells = []
+            for c in criteria:
+                r = lookup.get((ratio, c, sft))
+                cells.append(
+                    f"{r['chrf++']:6.2f} ({r['relative_chrf']:.0%})"
+                    if r and r["relative_chrf"]
+                    else (f"{r['chrf++']:6.2f}" if r else "")
+                )
+            if any(cells):
+                lines.append(f"{ratio:6.3f}{'+SFT' if sft else '    '}| " + " | ".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def heatmap(sweep: Sweep, results: list[dict], ratio: float, path: Path) -> None:
+    candidates = [r for r in results if r["pruning_ratio"] == ratio and not r["sft"] and r["criterion"] != "random"]
+    if not candidates:
+        return
+    best = max(candidates, key=lambda r: r["average"]["chrf++"])
+    from moe_specialist.plan import PrunePlan
+
+    plan = PrunePlan.load(
+        sweep.point_dir(Point(best["ratio"], best["criterion"], best["seed"], False)) / "prune_plan.json"
+    )
+    shares = usage(sweep.stats, split_list(sweep.pruning.pruning_groups), split_list(sweep.pruning.pruning_roles))
+    plot_expert_usage(
+        shares.float(),
+        sweep.stats.layers,
+        plan,
+        path,
+        f"expert usage on the calibration data; white: kept by {best['criterion']} at {ratio:.1%}",
+    )
+
+
+def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    results = []
+    for point in tqdm(points, desc="sweep"):
+        results.append(sweep.run_point(point))
+    rows = table_rows(results)
+    plots = sweep.run_dir / "plots"
+    plot_quality_curve(
+        rows, plots / "chrf_vs_ratio.png", title=f"{sweep.model_name}: chrF++ vs share of experts removed"
+    )
+    heatmap(sweep, results, heatmap_ratio, plots / "expert_usage.png")
+    metadata = {
+        "model": sweep.model_name,
+        "statistics": sweep.calibration.statistics_file,
+        "eval": {
+            "dataset": sweep.data.eval_dataset_name or sweep.data.dataset_name,
+            "split": sweep.data.eval_split,
+            "directions": list(sweep.examples),
+            "examples_per_direction": {k: len(v) for k, v in sweep.examples.items()},
+            "decoding": sweep.generation,
+        },
+        "signatures": {
+            k: {m: v for m, v in d.items() if m.endswith("signature")} for k, d in results[0]["directions"].items()
+        },
+    }
+    write_outputs(sweep.run_dir, results, rows, metadata)
+    if sweep.wandb:
+        sweep.wandb.log_summary(rows, plots)
+    return rows

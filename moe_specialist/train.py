@@ -1,0 +1,83 @@
+"""Prune a mixture-of-experts LLM into a translation specialist, then recover it with a short SFT.
+
+Usage (one recipe = one run; any recipe key can be overridden on the command line):
+
+    ACCELERATE_LOG_LEVEL=info accelerate launch --config_file accelerate_configs/zero3.yaml \\
+        -m moe_specialist.train --config recipes/qwen3-30b-a3b/en-de/prune_sft.yaml --pruning_ratio 0.75
+
+On CPU (the demo generalist; two processes, DDP on gloo or DeepSpeed ZeRO-2/3):
+
+    accelerate launch --config_file accelerate_configs/cpu/ddp.yaml \\
+        -m moe_specialist.train --config recipes/demo/en-fr/prune_sft.yaml --pruning_ratio 0.5
+
+or in one process: ``python -m moe_specialist.train --config recipes/demo/en-fr/prune.yaml``. See recipes/README.md
+for every recipe and its accelerate config. Outputs in ``output_dir``: ``model/`` (the pruned, fine-tuned checkpoint
+with its model card and ``prune_plan.json``), ``results.json``, ``prune_plan.json``, checkpoints, ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from accelerate import PartialState
+
+from moe_specialist.training.configs import make_parser
+from moe_specialist.training.pipeline import run
+
+logger = logging.getLogger("moe_specialist")
+
+
+def main(model_args, data_args, calibration_args, pruning_args, training_args) -> dict:
+    ###############
+    # Setup logging
+    ###############
+    log_level = training_args.get_process_log_level()
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logging.getLogger("moe_specialist").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+    logger.info(f"Model parameters {model_args}")
+    logger.info(f"Data parameters {data_args}")
+    logger.info(f"Calibration parameters {calibration_args}")
+    logger.info(f"Pruning parameters {pruning_args}")
+    logger.info(f"Training parameters {training_args}")
+
+    ###########################################################
+    # Calibrate, prune, fine-tune, evaluate, save (one process
+    # per rank; see moe_specialist/training/pipeline.py)
+    ###########################################################
+    results = run(model_args, data_args, calibration_args, pruning_args, training_args)
+
+    ##########
+    # Summary
+    ##########
+    state = PartialState()
+    if state.is_main_process:
+        end = (results["scores"] or {}).get("end")
+        if end:
+            logger.info(
+                "Final chrF++ %s (avg %.2f); model in %s",
+                {name: d["chrf++"] for name, d in end["directions"].items()},
+                end["average"]["chrf++"],
+                results["model_dir"],
+            )
+    state.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    model_args, data_args, calibration_args, pruning_args, training_args = parser.parse_args_and_config()
+    main(model_args, data_args, calibration_args, pruning_args, training_args)
