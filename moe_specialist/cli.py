@@ -122,18 +122,21 @@ def describe(moe) -> dict:
 def format_description(name: str, report: dict) -> str:
     params = report["parameters"]
     counts = sorted(set(report["experts_per_layer"].values()))
+    per_layer = counts[0] if len(counts) == 1 else report["experts_per_layer"]
+    shared = "yes" if report["shared_experts"] else "no"
     exact = {True: "yes", False: "no", None: "only under conditions"}[report["routing"]["exact"]]
+    millions = {k: f"{v / 1e6:,.2f}M" for k, v in params.items()}
     return "\n".join(
         [
             f"{name}: {report['architecture']} ({report['model_type']})",
-            f"  MoE layers       {len(report['moe_layers'])} of decoder layers {report['moe_layers']} ({report['block']})",
-            f"  experts/layer    {counts[0] if len(counts) == 1 else report['experts_per_layer']}, top-k "
-            f"{report['top_k']}, groups {report['n_group']}, shared experts: {'yes' if report['shared_experts'] else 'no'}",
+            f"  MoE layers       {len(report['moe_layers'])}: {report['moe_layers']} ({report['block']})",
+            f"  experts/layer    {per_layer}, top-k {report['top_k']}, groups {report['n_group']}, "
+            f"shared experts: {shared}",
             f"  config fields    count {report['count_fields']}, top-k '{report['top_k_field']}'",
             f"  routing          {report['routing']['kind']}; exact under pruning: {exact}",
             f"                   ({report['routing']['reason']})",
-            f"  parameters       {params['total'] / 1e6:,.2f}M total = {params['routed_experts'] / 1e6:,.2f}M in routed "
-            f"experts + {params['other'] / 1e6:,.2f}M other; {params['active'] / 1e6:,.2f}M active per token",
+            f"  parameters       {millions['total']} total = {millions['routed_experts']} in routed experts + "
+            f"{millions['other']} other; {millions['active']} active per token",
         ]
     )
 

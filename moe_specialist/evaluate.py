@@ -1,4 +1,4 @@
-"""Translation quality: batched greedy generation, chrF++ / BLEU with signatures, off-target rate, per-sentence records."""
+"""Translation quality: batched greedy generation, chrF++ / BLEU with signatures, off-target rate, records."""
 
 from __future__ import annotations
 

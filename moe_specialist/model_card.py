@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from moe_specialist import __version__
-from moe_specialist.architectures import MoEModel
 from moe_specialist.plan import PrunePlan
 
 
@@ -11,11 +10,12 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def pruned_model_card(source: str, plan: PrunePlan, before: MoEModel | dict, after: dict, routing) -> str:
-    """Markdown card. ``before``/``after`` hold ``experts_per_layer`` and ``parameters`` (see ``prune.PruneReport``)."""
+def pruned_model_card(source: str, plan: PrunePlan, before: dict, after: dict, routing) -> str:
+    """Markdown card; ``before`` and ``after`` hold ``experts_per_layer``, ``parameters`` and ``top_k``."""
     meta = plan.metadata
     per_layer = after["experts_per_layer"]
     uniform = len(set(per_layer.values())) == 1
+    kept = ", ".join(f"{k}: {v}" for k, v in sorted(per_layer.items(), key=lambda kv: int(kv[0])))
     lines = [
         "---",
         "library_name: transformers",
@@ -38,11 +38,12 @@ def pruned_model_card(source: str, plan: PrunePlan, before: MoEModel | dict, aft
         f"{_millions(after['parameters']['active'])} |",
         f"| top-k | {before['top_k']} | {after['top_k']} |",
         "",
-        f"- Pruning ratio: {meta.get('actual_ratio', 'n/a')} of routed experts (target {meta.get('pruning_ratio', 'n/a')}).",
+        f"- Pruning ratio: {meta.get('actual_ratio', 'n/a')} of routed experts "
+        f"(target {meta.get('pruning_ratio', 'n/a')}).",
         f"- Criterion: `{meta.get('criterion', 'hand-written plan')}`; allocation: `{meta.get('allocation', 'n/a')}`; "
         f"statistics groups: {meta.get('groups') or 'all'}; roles: {meta.get('roles') or 'source + target'}.",
         f"- Routing: `{routing.kind}`, exact under pruning: {routing.exact} ({routing.reason}).",
-        f"- Experts kept per MoE layer: {', '.join(f'{k}: {v}' for k, v in sorted(per_layer.items(), key=lambda kv: int(kv[0])))}.",
+        f"- Experts kept per MoE layer: {kept}.",
         "- The kept expert ids are in `prune_plan.json`, which replays on the same or a sibling checkpoint.",
         "",
         "## Loading",

@@ -190,7 +190,10 @@ def table_rows(results: list[dict]) -> list[dict]:
         groups.setdefault((r["pruning_ratio"], r["criterion"], r["sft"]), []).append(r)
     rows = []
     for (ratio, criterion, sft), items in sorted(groups.items()):
-        mean = lambda key: sum(i["average"][key] for i in items) / len(items)  # noqa: E731
+
+        def mean(key: str, items=items) -> float:
+            return sum(i["average"][key] for i in items) / len(items)
+
         row = {
             "pruning_ratio": ratio,
             "criterion": criterion,
@@ -314,3 +317,129 @@ def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[d
     if sweep.wandb:
         sweep.wandb.log_summary(rows, plots)
     return rows
+
+
+class SweepWandb:
+    """One W&B run per point and a summary run, all in the sweep's group (rank 0, offline without credentials)."""
+
+    def __init__(self, training_args, recipe: dict, run_dir: Path):
+        self.training_args, self.recipe, self.run_dir = training_args, recipe, run_dir
+        self.group = training_args.wandb_run_group or run_dir.name
+
+    def _init(self, name: str, job_type: str, config: dict):
+        from moe_specialist.training.wandb_logging import start_wandb_run
+
+        return start_wandb_run(
+            self.training_args, name=name, job_type=job_type, group=self.group, config=config, directory=self.run_dir
+        )
+
+    def log_point(self, result: dict, plan) -> None:
+        import wandb
+
+        config = {
+            **self.recipe,
+            "pruning_ratio": result["pruning_ratio"],
+            "pruning_criterion": result["criterion"],
+            "pruning_seed": result["seed"],
+            "sft": result["sft"],
+            "kept_experts": plan.to_dict()["kept_experts"],
+        }
+        run = self._init(result["point"], "sweep_point", config)
+        if run is None:
+            return
+        run.summary.update(
+            {
+                "pruning/ratio": result["actual_ratio"],
+                "pruning/experts_kept_per_layer": result["experts_per_layer"],
+                "pruning/params_total": result["parameters"]["total"],
+                "pruning/params_active": result["parameters"]["active"],
+                "pruning/checkpoint_bytes": result["checkpoint_bytes"],
+                **{
+                    f"final/{d}/{m}": v
+                    for d, s in result["directions"].items()
+                    for m, v in s.items()
+                    if m in ("chrf++", "bleu", "off_target_rate")
+                },
+                "final/avg/chrf++": result["average"]["chrf++"],
+            }
+        )
+        wandb.finish()
+
+    def log_summary(self, rows: list[dict], plots: Path) -> None:
+        import wandb
+
+        run = self._init(f"{self.group}-summary", "sweep_summary", self.recipe)
+        if run is None:
+            return
+        columns = ["pruning_ratio", "criterion", "sft", "chrf++", "bleu", "relative_chrf", "parameters_total"]
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        curves = {}
+        for sft in (False, True):
+            subset = [r for r in rows if r["sft"] == sft]
+            if subset:
+                t = wandb.Table(
+                    columns=["pruning_ratio", "chrf++", "criterion"],
+                    data=[[r["pruning_ratio"], r["chrf++"], r["criterion"]] for r in subset],
+                )
+                key = "chrf_vs_ratio_sft" if sft else "chrf_vs_ratio"
+                curves[key] = wandb.plot.line(
+                    t,
+                    x="pruning_ratio",
+                    y="chrf++",
+                    stroke="criterion",
+                    title=f"chrF++ vs pruning ratio{' (after SFT)' if sft else ''}",
+                )
+        images = {p.stem: wandb.Image(str(p)) for p in sorted(plots.glob("*.png"))}
+        run.log({"results": table, **curves, **images})
+        wandb.finish()
+
+
+def run_sweep_cli(argv: list[str]) -> None:
+    """``moe-specialist sweep``: the recipe's dataclasses plus :class:`SweepArguments`."""
+    from trl import TrlParser
+
+    from moe_specialist.training.configs import RECIPE_TYPES
+    from moe_specialist.training.pipeline import recipe_config, run
+
+    model_args, data_args, calibration_args, pruning_args, training_args, sweep_args = TrlParser(
+        (*RECIPE_TYPES, SweepArguments)
+    ).parse_args_and_config(args=argv)
+    run_dir = Path(training_args.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
+    atomic_write_json({**recipe, "sweep": asdict(sweep_args)}, run_dir / "sweep_config.json")
+    generation = {
+        "batch_size": training_args.mt_eval_batch_size,
+        "max_new_tokens": training_args.mt_eval_max_new_tokens,
+        "no_repeat_ngram_size": training_args.mt_eval_no_repeat_ngram_size,
+    }
+    wandb_logger = SweepWandb(training_args, recipe, run_dir) if "wandb" in (training_args.report_to or []) else None
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+
+    def sft(point: Point, plan, point_dir: Path):
+        """Prune with the point's plan and fine-tune, in-process, through the training pipeline."""
+        training_args.output_dir = str(point_dir / "sft")
+        training_args.run_name = point.id
+        training_args.callbacks = ["expert_pruning"]  # scored below on the sweep's own evaluation set
+        pruning_args.prune_plan = str(point_dir / "prune_plan.json")
+        results = run(model_args, data_args, calibration_args, pruning_args, training_args, stats=sweep.stats)
+        model, tokenizer = load_model_and_tokenizer(results["model_dir"], dtype)
+        scores = evaluate_translations(model, tokenizer, sweep.examples, **generation, progress=False)
+        scores["training"] = results["training"]
+        return scores, model
+
+    sweep = Sweep(
+        run_dir,
+        model_args.model_name_or_path,
+        dtype,
+        calibration_args,
+        pruning_args,
+        data_args,
+        generation,
+        sft=sft,
+        wandb_logger=wandb_logger,
+    )
+    points = sweep_points(sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed)
+    rows = run_sweep(sweep, points, sweep_args.heatmap_ratio)
+    print(format_table(rows))
+    print(f"\nwrote {run_dir}/results.csv, results.json, plots/chrf_vs_ratio.png, plots/expert_usage.png")

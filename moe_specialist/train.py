@@ -3,16 +3,20 @@
 Usage (one recipe = one run; any recipe key can be overridden on the command line):
 
     ACCELERATE_LOG_LEVEL=info accelerate launch --config_file accelerate_configs/zero3.yaml \\
-        -m moe_specialist.train --config recipes/qwen3-30b-a3b/en-de/prune_sft.yaml --pruning_ratio 0.75
+        -m moe_specialist.train --config recipes/qwen3-30b-a3b/en-de/prune_sft.yaml --pruning_ratio 0.75 \\
+        --output_dir outputs/qwen3-30b-a3b/en-de/prune_sft-r0.75
 
 On CPU (the demo generalist; two processes, DDP on gloo or DeepSpeed ZeRO-2/3):
 
     accelerate launch --config_file accelerate_configs/cpu/ddp.yaml \\
-        -m moe_specialist.train --config recipes/demo/en-fr/prune_sft.yaml --pruning_ratio 0.5
+        -m moe_specialist.train --config recipes/demo/en-fr/prune_sft.yaml --pruning_ratio 0.75 \\
+        --output_dir outputs/demo/en-fr/prune_sft-r0.75
 
 or in one process: ``python -m moe_specialist.train --config recipes/demo/en-fr/prune.yaml``. See recipes/README.md
-for every recipe and its accelerate config. Outputs in ``output_dir``: ``model/`` (the pruned, fine-tuned checkpoint
-with its model card and ``prune_plan.json``), ``results.json``, ``prune_plan.json``, checkpoints, ``wandb/``.
+for every recipe and its accelerate config. Outputs in ``output_dir`` (an existing non-empty one is refused unless
+``--overwrite_output_dir true`` or ``--resume_from_checkpoint true``): ``model/`` (the pruned, fine-tuned checkpoint
+with its model card and ``prune_plan.json``), ``results.json``, ``translations.json``, ``prune_plan.json``,
+``trainer_state.json``, ``checkpoint-*/``, ``ranks/`` (each rank's expert shapes and checksums), ``wandb/``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import logging
 import os
 import sys
 
-import datasets
-import transformers
-from accelerate import PartialState
+# huggingface_hub reads these once, when it is imported (a recipe's `env:` block comes too late for them)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from moe_specialist.training.configs import make_parser
-from moe_specialist.training.pipeline import run
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+
+from moe_specialist.training.configs import make_parser  # noqa: E402
+from moe_specialist.training.pipeline import run  # noqa: E402
 
 logger = logging.getLogger("moe_specialist")
 
@@ -41,12 +48,11 @@ def main(model_args, data_args, calibration_args, pruning_args, training_args) -
         datefmt="%Y-%m-%d %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    logging.getLogger("moe_specialist").setLevel(log_level)
+    logging.getLogger("moe_specialist").setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
     logger.info(f"Model parameters {model_args}")
     logger.info(f"Data parameters {data_args}")

@@ -110,8 +110,8 @@ def model_card(summary: dict, balance: dict, divergence: dict, scores: dict, par
         "",
         "# moe-specialist demo generalist",
         "",
-        "A tiny Qwen3-MoE causal LM trained from scratch on this repository's embedded corpus so that expert pruning can "
-        "be measured on a CPU. It stands in for GPT-OSS-20B / Qwen3-30B-A3B: 32 routed experts per layer, top-4, "
+        "A tiny Qwen3-MoE causal LM trained from scratch on this repository's embedded corpus so that expert pruning "
+        "can be measured on a CPU. It stands in for GPT-OSS-20B / Qwen3-30B-A3B: 32 routed experts per layer, top-4, "
         "softmax routing renormalised over the selected experts (`norm_topk_prob=True`: removing never-selected "
         "experts is exact), no shared experts, load-balanced so that no expert is dead.",
         "",
@@ -163,8 +163,9 @@ def model_card(summary: dict, balance: dict, divergence: dict, scores: dict, par
         "",
         "## Load balance over the training mixture",
         "",
-        f"Expert usage (share of routing decisions) on {balance['tokens']:,} tokens of fresh training-mixture batches. "
-        "Normalised entropy 1 = perfectly balanced; smallest share is relative to the uniform 1/32 (0 = a dead expert).",
+        f"Expert usage (share of routing decisions) on {balance['tokens']:,} tokens of fresh training-mixture "
+        "batches. Normalised entropy 1 = perfectly balanced; smallest share is relative to the uniform 1/32 "
+        "(0 = a dead expert).",
         "",
         "| layer | normalised entropy | smallest share / uniform | share of the top 8 experts |",
         "|---|---|---|---|",

@@ -1,0 +1,173 @@
+"""Recipe dataclasses: what one prune(+SFT) run reads from its YAML recipe and the command line.
+
+A recipe is flat YAML parsed by TRL's ``TrlParser`` into, in this order:
+
+1. ``trl.ModelConfig``: ``model_name_or_path`` (a Hub id, a local directory or ``demo``), ``dtype``, ``use_peft`` and
+   the ``lora_*`` fields;
+2. :class:`DataArguments`: SFT and evaluation data;
+3. :class:`~moe_specialist.configs.CalibrationArguments`: routing statistics (shared with the CLI);
+4. :class:`~moe_specialist.configs.PruningArguments`: criterion, allocation, ratio (shared with the CLI);
+5. :class:`SFTConfig`: ``trl.SFTConfig`` plus the callbacks, W&B identity, MT-eval decoding and trainable-set knobs.
+
+Precedence is dataclass default < YAML < command-line flag; unknown YAML keys fail; an ``env:`` mapping in the YAML is
+exported before parsing. Everything a sweep varies (``pruning_ratio``, ``pruning_criterion``, ``learning_rate``,
+``seed``...) is a top-level scalar, so a recipe key, a CLI flag and a W&B sweep parameter are the same name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from trl import ModelConfig, TrlParser
+
+from moe_specialist.configs import CalibrationArguments, PruningArguments, split_list
+
+DEFAULT_CALLBACKS = ["expert_pruning", "translation_eval"]
+
+
+@dataclass
+class DataArguments:
+    """SFT data (never a test set) and the translations scored during training (dev data)."""
+
+    dataset_name: str = field(
+        default="bible",
+        metadata={
+            "help": "SFT data: bible or a local TSV/JSONL file or glob. Test sets (flores_plus, wmt24pp) refused."
+        },
+    )
+    train_directions: str = field(default="en-fr", metadata={"help": "Comma-separated directions, e.g. en-de,en-ja."})
+    train_split: str = field(default="train")
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Examples per direction (a seeded sample)."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Data scored during training (default: dataset_name), e.g. flores_plus."}
+    )
+    eval_directions: str | None = field(default=None, metadata={"help": "Default: train_directions."})
+    eval_split: str = field(default="dev", metadata={"help": "dev for monitoring; report on devtest/test afterwards."})
+    max_eval_examples: int | None = field(default=100, metadata={"help": "Examples per direction (a seeded sample)."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the train/eval samples (not of training)."})
+
+    def __post_init__(self):
+        from moe_specialist.data.sources import SPLIT_NAMES, check_trainable
+
+        check_trainable(self.dataset_name)
+        self.eval_dataset_name = self.eval_dataset_name or self.dataset_name
+        self.eval_directions = self.eval_directions or self.train_directions
+        local = self.dataset_name not in SPLIT_NAMES  # a local file is its own split
+        if self.eval_dataset_name == self.dataset_name and (local or self.eval_split == self.train_split):
+            raise ValueError(
+                f"The eval data would be the SFT data ({self.dataset_name}, {self.train_split}): evaluate on another "
+                "split (eval_split: dev) or another source (eval_dataset_name)."
+            )
+        for name in ("train_directions", "eval_directions"):
+            if not split_list(getattr(self, name)):
+                raise ValueError(f"{name} is empty: give at least one direction such as en-fr.")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of examples per direction (or null), got {value}.")
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """``trl.SFTConfig`` plus the pipeline's knobs (open-r1 style: every field is a recipe key and a CLI flag)."""
+
+    # Which callbacks the run uses (registry names, see moe_specialist.training.callbacks.CALLBACKS)
+    callbacks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_CALLBACKS),
+        metadata={"help": "Registry names: expert_pruning (prune at on_init_end), translation_eval (chrF++/BLEU)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow an existing non-empty output_dir (its final model is replaced)."}
+    )
+    use_cpu: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run on CPU. Default: true when no GPU is visible and DeepSpeed is not in use (DDP on CPU needs "
+            "it; DeepSpeed on CPU needs it false, or accelerate silently drops DeepSpeed). Without a GPU, a "
+            "distributed launch's ddp_backend defaults to gloo."
+        },
+    )
+
+    # Weights & Biases run identity (a rank-0 wandb.init before the Trainer; see training/wandb_logging.py)
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (team or user)."})
+    wandb_project: str = field(default="moe-specialist", metadata={"help": "W&B project."})
+    wandb_run_group: str | None = field(default=None, metadata={"help": "W&B group, e.g. one per sweep."})
+    wandb_job_type: str = field(default="prune_sft", metadata={"help": "W&B job type."})
+    wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags."})
+
+    # Translation evaluation during training (greedy decoding; see TranslationEvalCallback)
+    mt_eval_max_new_tokens: int = field(default=256, metadata={"help": "Always set: generate() defaults to 20."})
+    mt_eval_batch_size: int = field(default=32, metadata={"help": "Generation batch size per process."})
+    mt_eval_no_repeat_ngram_size: int = field(default=0, metadata={"help": "Repetition guard (0 = off)."})
+    mt_eval_num_samples_table: int = field(
+        default=8, metadata={"help": "Rows per direction in the W&B table of sample translations (0 = none)."}
+    )
+    mt_eval_on_start: bool = field(
+        default=True, metadata={"help": "Score before the first step (the prune-only score)."}
+    )
+
+    # What is trained
+    train_router_only: bool = field(
+        default=False, metadata={"help": "Train the routers only (everything else frozen)."}
+    )
+    freeze_router: bool = field(default=False, metadata={"help": "Keep the routers fixed (train everything else)."})
+
+    def __post_init__(self):
+        if not _accelerator_visible():
+            if self.use_cpu is None:
+                self.use_cpu = not _deepspeed_launch()
+            if self.ddp_backend is None and _distributed_launch():
+                self.ddp_backend = "gloo"  # DeepSpeed on CPU: without a backend accelerate sees one process per rank
+        self.use_cpu = bool(self.use_cpu)
+        if self.use_cpu and _deepspeed_launch():
+            raise ValueError(
+                "use_cpu=true under a DeepSpeed launch: accelerate would silently run without DeepSpeed. DeepSpeed "
+                "runs on CPU by itself: leave use_cpu unset (or false) with accelerate_configs/cpu/zero*.yaml."
+            )
+        super().__post_init__()
+        from moe_specialist.training.callbacks import check_callback_names
+
+        check_callback_names(self.callbacks)
+        if self.train_router_only and self.freeze_router:
+            raise ValueError("train_router_only and freeze_router contradict each other: choose one.")
+        for name in ("mt_eval_max_new_tokens", "mt_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("mt_eval_no_repeat_ngram_size", "mt_eval_num_samples_table"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be -1 (use num_train_epochs), 0 (prune only) or positive, got {self.max_steps}."
+            )
+
+    @property
+    def prune_only(self) -> bool:
+        """``max_steps: 0`` (or ``num_train_epochs: 0``): prune, evaluate and save without any SFT step."""
+        return self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs == 0)
+
+
+def _accelerator_visible() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def _distributed_launch() -> bool:
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+RECIPE_TYPES = (ModelConfig, DataArguments, CalibrationArguments, PruningArguments, SFTConfig)
+
+
+def make_parser() -> TrlParser:
+    """The recipe parser: ``make_parser().parse_args_and_config()`` returns one instance of each of RECIPE_TYPES."""
+    return TrlParser(RECIPE_TYPES)

@@ -1,0 +1,558 @@
+"""One prune(+SFT) run, in process: what ``moe_specialist.train`` runs under ``accelerate launch`` and a sweep calls.
+
+    results = run(model_args, data_args, calibration_args, pruning_args, training_args, stats=None)
+
+Order of events (every rank runs all of it; rank 0 alone writes files and talks to W&B):
+
+1. checks: arguments, the distributed setup, the output directory (refused when not empty, unless
+   ``overwrite_output_dir`` or ``resume_from_checkpoint``);
+2. W&B run (rank 0) with the whole recipe as config;
+3. the model, loaded whole on every rank even under a ZeRO-3 launch (``zero.Init`` off), so that pruning sees whole
+   expert tensors; DeepSpeed partitions the pruned model when the Trainer prepares it. Sparse-MoE blocks become
+   ZeRO-3 leaf modules; the trainable set follows ``train_router_only`` / ``freeze_router``;
+4. SFT records (prompt-completion, loss on the completion only) and eval examples;
+5. ``SFTTrainer`` with the recipe's callbacks: ``expert_pruning`` prunes in ``on_init_end``, before the optimizer
+   exists; with LoRA it prunes just before the trainer is built, because ``SFTTrainer.__init__`` wraps the model
+   in PEFT first. Non-uniform expert counts switch the router aux loss off (transformers' assumes one count);
+6. ``trainer.train(resume_from_checkpoint=...)``, or, with ``max_steps: 0``, only an evaluation of the pruned model;
+7. the final model in its pruned architecture (``output_dir/model``, reloadable with ``load_pruned_model``; LoRA
+   adapters merged) with ``prune_plan.json`` and a model card, written atomically; ``results.json`` (atomic) with
+   the pruning report, scores at start and end with their signatures, and timings; the W&B summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint, set_seed
+
+from moe_specialist import __version__
+from moe_specialist.architectures import find_moe, text_config
+from moe_specialist.configs import CalibrationArguments, PruningArguments
+from moe_specialist.data.prompts import sft_record
+from moe_specialist.data.sources import load_examples
+from moe_specialist.io import atomic_write_json
+from moe_specialist.model_card import pruned_model_card
+from moe_specialist.models import load_model_and_tokenizer
+from moe_specialist.prune import save_pruned_model
+from moe_specialist.stats import RoutingStats
+from moe_specialist.training.callbacks import (
+    PLAN_FILE,
+    PruningCallback,
+    RunContext,
+    TranslationEvalCallback,
+    find_callback,
+    get_callbacks,
+    register_zero3_leaf_modules,
+)
+from moe_specialist.training.configs import DataArguments, SFTConfig
+from moe_specialist.training.wandb_logging import finish_wandb, init_wandb_training, update_wandb_summary
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+MODEL_DIR = "model"
+TRANSLATIONS_FILE = "translations.json"
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------------
+def validate_arguments(model_args, training_args: SFTConfig) -> None:
+    """Cross-dataclass checks (each dataclass validates its own fields in ``__post_init__``) and the launch."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path is required: a Hub id, a local directory or 'demo'.")
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        raise ValueError("Quantized loading is not supported: pruning and SFT need the full-precision expert tensors.")
+    if model_args.use_peft and not (model_args.lora_target_modules or model_args.lora_target_parameters):
+        raise ValueError(
+            "use_peft needs lora_target_modules (PEFT has no default for most MoE architectures): e.g. "
+            "`q_proj k_proj v_proj o_proj` (attention only), or `all-linear` with lora_dropout 0 (PEFT then also "
+            "adapts the fused experts and the routers)."
+        )
+    if model_args.use_peft and training_args.train_router_only:
+        raise ValueError("use_peft and train_router_only contradict each other: LoRA trains adapters, not routers.")
+    if model_args.use_peft and _zero_stage(training_args) == 3:
+        raise ValueError(
+            "LoRA under DeepSpeed ZeRO-3 is not supported by this pipeline (merging partitioned adapters into the "
+            "pruned model): use accelerate_configs/zero2.yaml or ddp.yaml; the pruned model is small enough."
+        )
+    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and (state.num_processes != launched or state.distributed_type == DistributedType.NO):
+        raise RuntimeError(
+            f"{launched} processes were launched, but accelerate sees {state.num_processes} "
+            f"({state.distributed_type}): they would not train together. Without a GPU, leave use_cpu and "
+            "ddp_backend unset (DDP then runs on CPU with gloo; DeepSpeed needs use_cpu false)."
+        )
+
+
+def _zero_stage(training_args) -> int | None:
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else None
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """``resume_from_checkpoint``: unset/false -> None; true/last -> the last checkpoint-* of output_dir; a path."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none", "no"):
+        return None
+    output_dir = Path(training_args.output_dir)
+    if str(value).lower() in ("true", "last", "latest", "yes"):
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={value}, but {output_dir} holds no checkpoint-* directory to resume from."
+            )
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {value}.")
+    return str(value)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (overwrite or resuming):
+        raise FileExistsError(
+            f"output_dir {output_dir} exists and is not empty: choose another output_dir, pass "
+            "--overwrite_output_dir true to replace its results, or --resume_from_checkpoint true to resume its last "
+            "checkpoint."
+        )
+
+
+# ---- model and data -------------------------------------------------------------------------------------------------
+@contextmanager
+def zero3_init_disabled():
+    """Load whole models even when a ZeRO-3 config is active (``zero3_init_flag: true``).
+
+    transformers enters ``deepspeed.zero.Init`` in ``from_pretrained`` whenever its global DeepSpeed config says
+    stage 3, which the ``SFTConfig`` sets up as soon as it is parsed; the model would then be partitioned before it
+    could be calibrated or pruned. transformers has no public switch for one call, so its reference is cleared and
+    restored around the load.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def load_model(model_args, training_args):
+    """Model and tokenizer, whole on every rank (see :func:`zero3_init_disabled`)."""
+    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    with zero3_init_disabled():
+        model, tokenizer = load_model_and_tokenizer(
+            model_args.model_name_or_path,
+            model_args.dtype or "float32",
+            model_args.model_revision,
+            training_args.trust_remote_code,
+            **extra,
+        )
+    return model.train(), tokenizer
+
+
+def configure_trainable(model, moe, training_args) -> None:
+    """Routers only, everything but the routers, or everything (LoRA: PEFT freezes the base model itself)."""
+    routers = [p for layer in moe.layers for p in layer.router.parameters()]
+    if training_args.train_router_only:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in routers:
+            p.requires_grad_(True)
+        if training_args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif training_args.freeze_router:
+        for p in routers:
+            p.requires_grad_(False)
+
+
+def check_routers_frozen(model, moe) -> None:
+    """freeze_router must hold after PEFT wrapping too (``all-linear`` LoRA adapts the routers)."""
+    routers = tuple(f"{layer.router_path}." for layer in moe.layers)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad and any(r in name for r in routers)]
+    if trained:
+        raise ValueError(
+            f"freeze_router is set but router parameters are trainable ({trained[0]}, ...): with LoRA, choose "
+            "lora_target_modules that leave the routers out (e.g. q_proj k_proj v_proj o_proj)."
+        )
+
+
+def training_mode(model_args, training_args) -> str:
+    if training_args.prune_only:
+        return "prune_only"
+    if model_args.use_peft:
+        return "lora"
+    return "router_only" if training_args.train_router_only else "full"
+
+
+def load_data(data_args: DataArguments, training_args: SFTConfig, need_eval: bool):
+    """SFT examples and eval examples per direction (every rank reads the same seeded samples)."""
+    with training_args.main_process_first(desc="load data"):
+        train = load_examples(
+            data_args.dataset_name,
+            data_args.train_directions,
+            data_args.train_split,
+            limit=data_args.max_train_examples,
+            seed=data_args.dataset_seed,
+        )
+        evaluation = (
+            load_examples(
+                data_args.eval_dataset_name,
+                data_args.eval_directions,
+                data_args.eval_split,
+                limit=data_args.max_eval_examples,
+                seed=data_args.dataset_seed,
+            )
+            if need_eval
+            else {}
+        )
+    return train, evaluation
+
+
+def sft_dataset(tokenizer, examples) -> Dataset:
+    return Dataset.from_list([sft_record(tokenizer, ex) for items in examples.values() for ex in items])
+
+
+def reconcile_aux_loss(trainer, pruning: PruningCallback | None) -> str:
+    """SFTTrainer re-enables the router aux loss after ``on_init_end``; it cannot handle per-layer expert counts."""
+    config = text_config(trainer.model.config)
+    if pruning is not None and pruning.pruned and not pruning.report.uniform and trainer.aux_loss_enabled:
+        trainer.aux_loss_enabled = False
+        trainer.router_aux_loss_coef = 0.0
+        config.output_router_logits = False
+        logger.warning(
+            "MoE layers keep different numbers of experts (%s): the router load-balancing aux loss of transformers "
+            "assumes one count per model, so it is switched off for this run.",
+            sorted(set(pruning.report.experts_after.values())),
+        )
+        return "off (per-layer expert counts differ)"
+    if trainer.aux_loss_enabled:
+        return f"on (coefficient {trainer.router_aux_loss_coef})"
+    return "off"
+
+
+# ---- outputs --------------------------------------------------------------------------------------------------------
+def _trainable_summary(model) -> dict:
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {
+        "parameters": sum(
+            p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in model.parameters() if p.requires_grad
+        ),
+        "tensors": sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names}),
+    }
+
+
+def _scores_entry(entry: dict | None) -> dict | None:
+    if entry is None:
+        return None
+    return {key: entry[key] for key in ("label", "step", "directions", "average")}
+
+
+def sft_card_section(mode, model_args, data_args, training_args, train_counts, global_step, aux, evaluation) -> str:
+    world = PartialState().num_processes
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    modes = {
+        "prune_only": "none (prune only: no SFT step)",
+        "full": "full fine-tune",
+        "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}), merged into the weights",
+        "router_only": "routers only (everything else frozen)",
+    }
+    lines = [
+        "",
+        "## Recovery fine-tuning (SFT)",
+        "",
+        f"- Training: {modes[mode]}{'; routers frozen' if training_args.freeze_router else ''}.",
+        f"- Data: `{data_args.dataset_name}` ({data_args.train_split}), "
+        + ", ".join(f"{d}: {n} examples" for d, n in train_counts.items())
+        + "; prompt-completion records, loss on the completion only.",
+        f"- Steps: {global_step}; learning rate {training_args.learning_rate}; effective batch {batch}; "
+        f"seed {training_args.seed}; router load-balancing loss: {aux}.",
+    ]
+    if evaluation is not None and evaluation.history:
+        start = next((h for h in evaluation.history if h["label"] == "start"), None)
+        end = evaluation.history[-1]
+        lines += [
+            f"- Translation quality on `{data_args.eval_dataset_name}` ({data_args.eval_split}), greedy decoding, "
+            f"max_new_tokens {evaluation.max_new_tokens}:",
+            "",
+            "| direction | chrF++ after pruning | chrF++ final | BLEU after pruning | BLEU final |",
+            "|---|---|---|---|---|",
+        ]
+        for name, final in end["directions"].items():
+            first = (start or end)["directions"][name]
+            lines.append(f"| {name} | {first['chrf++']} | {final['chrf++']} | {first['bleu']} | {final['bleu']} |")
+        signatures = next(iter(end["directions"].values()))
+        lines += ["", f"sacreBLEU: `{signatures['chrf++_signature']}`, `{signatures['bleu_signature']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(model_args, pruning: PruningCallback | None, sft_section: str) -> str:
+    if pruning is not None and pruning.pruned:
+        card = pruned_model_card(
+            model_args.model_name_or_path, pruning.plan, pruning.before, pruning.after, pruning.moe.routing
+        )
+    else:
+        card = f"---\nlibrary_name: transformers\nbase_model: {model_args.model_name_or_path}\n---\n\n"
+        card += f"# {model_args.model_name_or_path}, fine-tuned with moe-specialist {__version__} (not pruned)\n"
+    return card + sft_section
+
+
+def save_final_model(trainer, tokenizer, model_dir: Path, extra_files: dict[str, str], output_router_logits) -> None:
+    """The trained model in its pruned architecture, atomically (a collective under ZeRO-3)."""
+    from peft import PeftModel
+
+    accelerator = trainer.accelerator
+    model = trainer.model
+    state_dict = None
+    prepared = trainer.model_wrapped is not trainer.model
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    elif prepared and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 shards on rank 0
+    if accelerator.is_main_process:
+        model.config.use_cache = True
+        text_config(model.config).output_router_logits = output_router_logits
+        save_pruned_model(model, model_dir, tokenizer, overwrite=True, extra_files=extra_files, state_dict=state_dict)
+        logger.info("Saved the final model to %s", model_dir)
+    accelerator.wait_for_everyone()
+
+
+def recipe_config(model_args, data_args, calibration_args, pruning_args, training_args) -> dict:
+    """The whole recipe as one flat mapping (TrlParser guarantees unique names across the dataclasses)."""
+    return {
+        **asdict(model_args),
+        **asdict(data_args),
+        **asdict(calibration_args),
+        **asdict(pruning_args),
+        **training_args.to_dict(),
+    }
+
+
+def wandb_summary(results: dict, pruning_args: PruningArguments) -> dict:
+    """The run summary (one row per run in the W&B runs table): pruning report and scores, from results.json."""
+    summary = {"pruning/ratio": pruning_args.pruning_ratio, "pruning/criterion": pruning_args.pruning_criterion}
+    report = results["pruning"]
+    if report is not None:
+        summary |= {
+            "pruning/actual_ratio": report["pruning_ratio"],
+            "pruning/experts_kept_per_layer": report["experts_after"],
+            "pruning/top_k": report["top_k_after"],
+            "pruning/params_total_before": report["parameters_before"]["total"],
+            "pruning/params_total_after": report["parameters_after"]["total"],
+            "pruning/params_active_before": report["parameters_before"]["active"],
+            "pruning/params_active_after": report["parameters_after"]["active"],
+        }
+    for label, prefix in (("start", "start"), ("end", "final")):
+        entry = results["scores"].get(label)
+        if entry is None:
+            continue
+        for name, values in [*entry["directions"].items(), ("avg", entry["average"])]:
+            for metric, value in values.items():
+                if metric in ("chrf++", "bleu", "off_target_rate", "chrf++_signature", "bleu_signature"):
+                    summary[f"{prefix}/{name}/{metric}"] = value
+    return summary
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - start, 2)
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+def run(
+    model_args,
+    data_args: DataArguments,
+    calibration_args: CalibrationArguments,
+    pruning_args: PruningArguments,
+    training_args: SFTConfig,
+    stats: RoutingStats | None = None,
+) -> dict:
+    """Prune (and fine-tune) one model as the recipe says; returns what ``results.json`` holds (on every rank).
+
+    ``stats`` (routing statistics computed by the caller, e.g. once for a whole sweep) skip the calibration.
+    """
+    start = time.time()
+    state = PartialState()
+    validate_arguments(model_args, training_args)
+    output_dir = Path(training_args.output_dir)
+    checkpoint = resolve_checkpoint(training_args)
+    check_output_dir(output_dir, training_args.overwrite_output_dir, checkpoint is not None)
+    state.wait_for_everyone()  # every rank checked before rank 0 writes anything there
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and (output_dir / PLAN_FILE).is_file() and not pruning_args.prune_plan:
+        # the checkpoint holds the pruned architecture: replay its plan rather than re-planning
+        pruning_args = replace(pruning_args, prune_plan=str(output_dir / PLAN_FILE))
+    set_seed(training_args.seed)
+    wandb_run = init_wandb_training(
+        training_args, recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
+    )
+    try:
+        results, translations = _prune_and_train(
+            model_args, data_args, calibration_args, pruning_args, training_args, stats, checkpoint
+        )
+    except BaseException:
+        finish_wandb(exit_code=1)
+        raise
+    results["timings"]["total"] = round(time.time() - start, 2)
+    results["wandb"] = {"id": wandb_run.id, "dir": wandb_run.dir} if wandb_run is not None else None
+    if state.is_main_process:
+        atomic_write_json(results, output_dir / RESULTS_FILE)
+        if translations:
+            atomic_write_json(translations, output_dir / TRANSLATIONS_FILE)
+        update_wandb_summary(wandb_summary(results, pruning_args))
+    finish_wandb()
+    state.wait_for_everyone()
+    return results
+
+
+def _prune_and_train(model_args, data_args, calibration_args, pruning_args, training_args, stats, checkpoint):
+    from trl import SFTTrainer, get_peft_config
+
+    timer = _Timer()
+    state = PartialState()
+    output_dir = Path(training_args.output_dir)
+    with timer("load_model"):
+        model, tokenizer = load_model(model_args, training_args)
+    moe = find_moe(model)
+    if _zero_stage(training_args) == 3:
+        logger.info("ZeRO-3 leaf modules: %s", register_zero3_leaf_modules(model, moe))
+    configure_trainable(model, moe, training_args)
+    output_router_logits = bool(getattr(text_config(model.config), "output_router_logits", False))
+
+    need_eval = "translation_eval" in training_args.callbacks or training_args.eval_strategy != "no"
+    with timer("load_data"):
+        train_examples, eval_examples = load_data(data_args, training_args, need_eval)
+        train_dataset = sft_dataset(tokenizer, train_examples)
+        eval_dataset = sft_dataset(tokenizer, eval_examples) if training_args.eval_strategy != "no" else None
+
+    context = RunContext(
+        model_args.model_name_or_path, tokenizer, calibration_args, pruning_args, training_args, eval_examples, stats
+    )
+    callbacks = get_callbacks(training_args.callbacks, context)
+    pruning = find_callback(callbacks, PruningCallback)
+    evaluation = find_callback(callbacks, TranslationEvalCallback)
+    with timer("build_trainer"):
+        if pruning is not None and model_args.use_peft:
+            # SFTTrainer.__init__ wraps the model in PEFT before on_init_end: prune first
+            pruning.prune(model, device=training_args.device, when="before PEFT wrapping")
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
+        )  # expert_pruning prunes in on_init_end, before the optimizer and accelerator.prepare
+    for callback in callbacks:
+        if hasattr(callback, "bind"):
+            callback.bind(trainer)
+    aux = reconcile_aux_loss(trainer, pruning)
+    if training_args.freeze_router:
+        check_routers_frozen(trainer.model, moe)
+    pruned = pruning is not None and pruning.pruned
+    if pruned:
+        output_router_logits = output_router_logits and pruning.report.uniform
+    trainable = _trainable_summary(trainer.model)
+    mode = training_mode(model_args, training_args)
+    if state.is_main_process:
+        logger.info(
+            "Mode %s; trainable: %s parameters in %s", mode, f"{trainable['parameters']:,}", trainable["tensors"]
+        )
+
+    train_metrics = {}
+    with timer("train"):
+        if training_args.prune_only:
+            if evaluation is not None:
+                evaluation.evaluate("end")
+        else:
+            train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    trainer.save_state()  # trainer_state.json: the log history, eval_mt/... scores included
+
+    history = evaluation.history if evaluation is not None else []
+    start_scores = next((h for h in history if h["label"] == "start"), None)
+    if start_scores is None and mode == "prune_only" and history:
+        start_scores = history[-1]  # nothing was trained: the scores after pruning are the start and the end
+    scores = {"start": _scores_entry(start_scores), "end": _scores_entry(history[-1] if history else None)}
+    train_counts = {d: len(v) for d, v in train_examples.items()}
+    sft_section = sft_card_section(
+        mode, model_args, data_args, training_args, train_counts, trainer.state.global_step, aux, evaluation
+    )
+    extra_files = {"README.md": model_card(model_args, pruning, sft_section)}
+    if pruned:
+        extra_files["prune_plan.json"] = json.dumps(pruning.plan.to_dict(), indent=2) + "\n"
+    with timer("save"):
+        save_final_model(trainer, tokenizer, output_dir / MODEL_DIR, extra_files, output_router_logits)
+
+    timings = {**timer.seconds, **(pruning.seconds if pruning is not None else {})}
+    if evaluation is not None:
+        timings["mt_eval"] = round(evaluation.seconds, 2)
+    results = {
+        "model": model_args.model_name_or_path,
+        "output_dir": str(output_dir),
+        "model_dir": str(output_dir / MODEL_DIR),
+        "run_name": training_args.run_name or output_dir.name,
+        "mode": mode,
+        "freeze_router": training_args.freeze_router,
+        "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type.value),
+        "zero_stage": _zero_stage(training_args),
+        "data": {
+            "train": {"dataset": data_args.dataset_name, "split": data_args.train_split, "examples": train_counts},
+            "eval": {
+                "dataset": data_args.eval_dataset_name,
+                "split": data_args.eval_split,
+                "examples": {d: len(v) for d, v in eval_examples.items()},
+            },
+        },
+        "pruning": None,
+        "training": {
+            "global_step": trainer.state.global_step,
+            "resumed_from": checkpoint,
+            "trainable": trainable,
+            "aux_loss": aux,
+            "metrics": train_metrics,
+        },
+        "decoding": evaluation.decoding if evaluation is not None else None,
+        "scores": scores,
+        "history": [{"label": h["label"], "step": h["step"], "average": h["average"]} for h in history],
+        "timings": timings,
+        "version": __version__,
+    }
+    if pruned:
+        results["pruning"] = {
+            **pruning.report.to_dict(),
+            "uniform": pruning.report.uniform,
+            "plan_file": str(output_dir / PLAN_FILE),
+            "criterion": pruning.plan.metadata.get("criterion"),
+            "allocation": pruning.plan.metadata.get("allocation"),
+            "statistics_file": calibration_args.statistics_file,
+            "routing": {"kind": pruning.moe.routing.kind, "exact": pruning.moe.routing.exact},
+        }
+    return results, (evaluation.records if evaluation is not None else {})
+
+
+def parse_recipe(args: list[str] | None = None):
+    """``(model_args, data_args, calibration_args, pruning_args, training_args)`` from ``--config FILE`` and flags."""
+    from moe_specialist.training.configs import make_parser
+
+    return make_parser().parse_args_and_config(args=args)

@@ -1,0 +1,204 @@
+"""Recipes and accelerate configs: every recipe parses with the real TrlParser, flags beat YAML, typos fail."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from trl import ModelConfig
+
+from moe_specialist.configs import CalibrationArguments, PruningArguments
+from moe_specialist.training.callbacks import CALLBACKS
+from moe_specialist.training.configs import DataArguments, SFTConfig, make_parser
+
+ROOT = Path(__file__).parents[1]
+RECIPES_DIR = ROOT / "recipes"
+# W&B sweep definitions (recipes/sweeps/) have their own schema and tests (tests/test_sweeps.py). Recipes of
+# `moe-specialist sweep` (sweep*.yaml) are run recipes plus SweepArguments.
+RECIPE_FILES = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.relative_to(RECIPES_DIR).parts[0] != "sweeps")
+RECIPES = [p for p in RECIPE_FILES if not p.name.startswith("sweep")]
+SWEEP_RECIPES = [p for p in RECIPE_FILES if p.name.startswith("sweep")]
+ACCELERATE_CONFIGS = sorted((ROOT / "accelerate_configs").rglob("*.yaml"))
+GPU_MODELS = ("qwen3-30b-a3b", "gpt-oss-20b", "olmoe-1b-7b")
+TINY = ROOT / "tests" / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Recipes' `env:` blocks are exported by the parser: keep them out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def parse(*args: str):
+    return make_parser().parse_args_and_config(args=list(args))
+
+
+def test_the_required_recipes_exist():
+    names = {p.relative_to(RECIPES_DIR).as_posix() for p in RECIPES}
+    assert {"demo/en-fr/prune.yaml", "demo/en-fr/prune_sft.yaml"} <= names
+    for model in GPU_MODELS:
+        assert {f"{model}/en-de/prune_sft.yaml", f"{model}/en-ja/prune_sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(RECIPES_DIR).as_posix())
+def test_every_recipe_parses(path):
+    model, data, calibration, pruning, training = parse("--config", str(path))
+    assert isinstance(model, ModelConfig) and isinstance(data, DataArguments)
+    assert isinstance(calibration, CalibrationArguments) and isinstance(pruning, PruningArguments)
+    assert isinstance(training, SFTConfig)
+    assert model.model_name_or_path and training.output_dir
+    assert set(training.callbacks) <= set(CALLBACKS)
+    text = path.read_text()
+    assert text.startswith("# "), "a recipe opens with a comment saying what it is"
+    assert "Hardware:" in text
+    launch = re.search(r"--config_file (accelerate_configs/\S+\.yaml)", text)
+    command = launch or re.search(r"python -m moe_specialist\.train --config (\S+)", text)
+    assert command, "the header gives the exact launch command"
+    if launch:
+        assert (ROOT / launch.group(1)).is_file()
+    assert f"--config recipes/{path.relative_to(RECIPES_DIR).as_posix()}" in text
+
+
+@pytest.mark.parametrize("path", SWEEP_RECIPES, ids=lambda p: p.relative_to(RECIPES_DIR).as_posix())
+def test_every_sweep_recipe_parses(path):
+    from trl import TrlParser
+
+    from moe_specialist.sweep import SweepArguments
+    from moe_specialist.training.configs import RECIPE_TYPES
+
+    parsed = TrlParser((*RECIPE_TYPES, SweepArguments)).parse_args_and_config(args=["--config", str(path)])
+    assert isinstance(parsed[4], SFTConfig) and isinstance(parsed[5], SweepArguments)
+
+
+@pytest.mark.parametrize("model", GPU_MODELS)
+def test_gpu_recipes_calibrate_on_train_data_and_evaluate_on_flores_dev(model):
+    for path in sorted((RECIPES_DIR / model).rglob("*.yaml")):
+        _, data, calibration, _, training = parse("--config", str(path))
+        assert calibration.calibration_split == "train" and calibration.calibration_dataset == "bible"
+        assert data.dataset_name == "bible" and data.train_split == "train"
+        assert (data.eval_dataset_name, data.eval_split) == ("flores_plus", "dev")
+        assert data.eval_directions == data.train_directions == path.parent.name
+        assert training.bf16 and training.report_to == ["wandb"]
+        assert "wmt24pp" in path.read_text()  # the final report command
+
+
+def test_demo_recipes_run_on_cpu():
+    for name in ("prune.yaml", "prune_sft.yaml"):
+        model, _, _, _, training = parse("--config", str(RECIPES_DIR / "demo" / "en-fr" / name))
+        assert model.model_name_or_path == "demo"
+        assert training.bf16 is False
+        assert training.use_cpu is True  # no GPU and no DeepSpeed launch here
+    assert parse("--config", str(RECIPES_DIR / "demo/en-fr/prune.yaml"))[4].prune_only
+    assert not parse("--config", str(RECIPES_DIR / "demo/en-fr/prune_sft.yaml"))[4].prune_only
+
+
+def test_readme_indexes_every_recipe_with_its_accelerate_config():
+    readme = (RECIPES_DIR / "README.md").read_text()
+    for path in RECIPES:
+        relative = path.relative_to(RECIPES_DIR).as_posix()
+        line = next((line for line in readme.splitlines() if f"[{relative}]" in line), None)
+        assert line is not None, f"{relative} is missing from recipes/README.md"
+        configs = re.findall(r"`([\w/]+\.yaml)`", line)
+        assert configs and all((ROOT / "accelerate_configs" / c).is_file() for c in configs)
+        if "demo" not in relative:
+            launch = re.search(r"--config_file accelerate_configs/(\S+\.yaml)", path.read_text()).group(1)
+            assert launch in configs  # the recipe's header and the index agree
+
+
+def test_cli_flags_override_yaml_which_overrides_defaults():
+    model, data, calibration, pruning, training = parse(
+        "--config", str(TINY), "--pruning_ratio", "0.75", "--learning_rate", "0.5", "--callbacks", "expert_pruning"
+    )
+    assert pruning.pruning_ratio == 0.75  # YAML says 0.5
+    assert training.learning_rate == 0.5  # YAML says 1e-3
+    assert training.callbacks == ["expert_pruning"]
+    assert training.max_steps == 2 and data.max_train_examples == 8  # YAML values kept
+    assert calibration.calibration_examples == 8
+    assert pruning.pruning_top_k is None and data.dataset_seed == 0  # dataclass defaults where YAML is silent
+    assert data.eval_dataset_name == "bible" and data.eval_directions == "en-fr"  # derived from the train data
+    assert model.dtype == "float32"
+
+
+def test_yaml_overrides_defaults_and_env_block_is_exported(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "env:\n  MOE_SPECIALIST_TEST_VAR: exported\n"
+        "model_name_or_path: demo\noutput_dir: out\npruning_ratio: 0.25\nmt_eval_max_new_tokens: 7\n"
+    )
+    _, _, _, pruning, training = parse("--config", str(recipe))
+    assert os.environ["MOE_SPECIALIST_TEST_VAR"] == "exported"
+    assert pruning.pruning_ratio == 0.25 and training.mt_eval_max_new_tokens == 7
+    assert training.callbacks == ["expert_pruning", "translation_eval"]  # the default
+
+
+def test_unknown_recipe_key_fails(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model_name_or_path: demo\noutput_dir: out\npruning_ration: 0.5\n")
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--pruning_ration', '0.5'\]"):
+        parse("--config", str(recipe))
+
+
+def test_unknown_flag_fails():
+    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--pruning_ration', '0.5'\]"):
+        parse("--config", str(TINY), "--pruning_ration", "0.5")
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (
+            ["--callbacks", "expert_pruning", "mt_eval"],
+            r"Unknown callback\(s\) 'mt_eval'.*known callbacks: expert_pruning, ",
+        ),
+        (["--train_router_only", "true", "--freeze_router", "true"], "contradict each other"),
+        (["--mt_eval_max_new_tokens", "0"], "mt_eval_max_new_tokens must be positive"),
+        (["--pruning_ratio", "1.0"], r"pruning_ratio must be in \[0, 1\)"),
+        (["--dataset_name", "flores_plus"], "is a test set and must not be trained on"),
+        (["--max_train_examples", "0"], "max_train_examples must be a positive number"),
+        (["--max_steps", "-3"], "max_steps must be -1"),
+        (["--eval_split", "train"], r"The eval data would be the SFT data \(bible, train\)"),
+        (["--dataset_name", "data/train.tsv"], r"The eval data would be the SFT data \(data/train.tsv"),
+    ],
+)
+def test_invalid_values_fail_with_clear_errors(flags, error):
+    with pytest.raises(ValueError, match=error):
+        parse("--config", str(TINY), *flags)
+
+
+def test_use_cpu_under_deepspeed_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="accelerate would silently run without DeepSpeed"):
+        parse("--config", str(TINY), "--use_cpu", "true")
+
+
+@pytest.mark.parametrize(
+    "path", ACCELERATE_CONFIGS, ids=lambda p: p.relative_to(ROOT / "accelerate_configs").as_posix()
+)
+def test_accelerate_configs(path):
+    config = yaml.safe_load(path.read_text())
+    cpu = path.parent.name == "cpu"
+    assert config["num_processes"] == (2 if cpu else 8)
+    assert config["use_cpu"] is False  # `use_cpu: true` makes accelerate start a single process
+    assert config["mixed_precision"] == ("no" if cpu else "bf16")
+    stage = path.stem
+    if stage == "ddp":
+        assert config["distributed_type"] == "MULTI_GPU"
+    else:
+        assert config["distributed_type"] == "DEEPSPEED"
+        assert config["deepspeed_config"]["zero_stage"] == {"zero2": 2, "zero3": 3}[stage]
+        if stage == "zero3":  # the final model is saved from gathered 16-bit shards
+            assert config["deepspeed_config"]["zero3_save_16bit_model"] is True
+    assert {p.relative_to(ROOT / "accelerate_configs").as_posix() for p in ACCELERATE_CONFIGS} == {
+        "ddp.yaml",
+        "zero2.yaml",
+        "zero3.yaml",
+        "cpu/ddp.yaml",
+        "cpu/zero2.yaml",
+        "cpu/zero3.yaml",
+    }
