@@ -62,6 +62,15 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def router_fingerprint(moe: MoEModel) -> str:
+    """Hash of every router's weights: tells the model these statistics were collected on from a retrained one."""
+    digest = hashlib.sha256()
+    for layer in moe.layers:
+        weight = next(t.tensor for t in layer.tensors if t.module in set(layer.router.modules()))
+        digest.update(weight.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class RoutingStats:
     """Sums over tokens, shaped [group, role, layer, expert]; layers with fewer experts are zero-padded."""
@@ -99,12 +108,13 @@ class RoutingStats:
                 f"Statistics describe different MoE structures: layers {self.layers} with experts "
                 f"{self.num_experts} vs layers {other.layers} with experts {other.num_experts}."
             )
-        mine, theirs = self.metadata.get("config_hash"), other.metadata.get("config_hash")
-        if mine and theirs and mine != theirs:
-            raise StatisticsMismatchError(
-                f"Statistics come from different models (config hash {mine} vs {theirs}); merge only statistics "
-                "of the same model."
-            )
+        for key in ("config_hash", "router_fingerprint"):
+            mine, theirs = self.metadata.get(key), other.metadata.get(key)
+            if mine and theirs and mine != theirs:
+                raise StatisticsMismatchError(
+                    f"Statistics come from different models ({key} {mine} vs {theirs}); merge only statistics of "
+                    "the same model."
+                )
 
     def merge(self, other: RoutingStats) -> RoutingStats:
         """Exact union: the same as one pass over both data sets (groups are matched by name)."""
@@ -153,6 +163,12 @@ class RoutingStats:
                 f"These statistics describe MoE layers {self.layers} with {self.num_experts} experts, but the model "
                 f"{moe.architecture} has layers {moe.layer_indices} with "
                 f"{[layer.num_experts for layer in moe.layers]} experts: calibrate this model."
+            )
+        fingerprint = self.metadata.get("router_fingerprint")
+        if fingerprint and moe.model.device.type != "meta" and fingerprint != router_fingerprint(moe):
+            raise StatisticsMismatchError(
+                "These statistics were collected on a model with other router weights (same architecture, different "
+                "checkpoint): calibrate this model again, or delete the stale statistics file."
             )
         ours = self.metadata.get("config_hash")
         if ours and ours != config_hash(moe.model.config):
@@ -232,6 +248,7 @@ class RoutingCollector:
             [layer.num_experts for layer in moe.layers],
             {
                 "config_hash": config_hash(moe.model.config),
+                "router_fingerprint": router_fingerprint(moe),
                 "top_k": moe.top_k,
                 "library_version": __version__,
                 **(metadata or {}),

@@ -111,3 +111,11 @@ def test_unlabelled_forward_is_an_error():
     with torch.no_grad(), RoutingCollector(find_moe(model), ["a"]), pytest.raises(RuntimeError, match="not labelled"):
         model(BATCHES[0])
     assert model.config._experts_implementation == "grouped_mm"  # restored after the context
+
+
+def test_statistics_of_a_retrained_checkpoint_are_refused():
+    """Same architecture, other weights: the router fingerprint tells them apart."""
+    stats = collect(tiny_model("qwen3_moe", seed=0), BATCHES)
+    with pytest.raises(StatisticsMismatchError, match="other router weights"):
+        stats.validate_for(find_moe(tiny_model("qwen3_moe", seed=1)))
+    stats.validate_for(find_moe(tiny_model("qwen3_moe", seed=0)))

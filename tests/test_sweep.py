@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 
-from moe_specialist.sweep import Point, SweepArguments, format_table, sweep_points, table_rows
+from moe_specialist.sweep import Point, SweepArguments, format_table, run_sweep_cli, sweep_points, table_rows
 
 
 def test_points_grid_shares_the_baseline_and_seeds_random():
@@ -65,3 +67,75 @@ def test_table_averages_random_seeds_and_relates_to_the_baseline():
     text = format_table(rows)
     assert "0.500+SFT" in text and "41.00 (102%)" in text
     json.dumps(rows)
+
+
+RECIPE = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "sweep"
+    argv = [
+        "--config",
+        str(RECIPE),
+        "--model_name_or_path",
+        str(tiny_translator),
+        "--output_dir",
+        str(out),
+        "--ratios",
+        "0,0.5",
+        "--criteria",
+        "frequency,random",
+        "--random_seeds",
+        "2",
+        "--sft_at",
+        "0.5",
+        "--max_eval_examples",
+        "3",
+        "--mt_eval_max_new_tokens",
+        "4",
+        "--report_to",
+        "wandb",
+        "--heatmap_ratio",
+        "0.5",
+    ]
+    run_sweep_cli(argv)
+    points = sorted(p.name for p in (out / "points").iterdir())
+    assert points == [
+        "r0.000-frequency",
+        "r0.500-frequency",
+        "r0.500-frequency-sft",
+        "r0.500-random-s0",
+        "r0.500-random-s1",
+    ]
+    sft = json.loads((out / "points" / "r0.500-frequency-sft" / "result.json").read_text())
+    assert sft["experts_per_layer"] == [4, 4, 4, 4] and sft["sft"] is True
+    pruned = json.loads((out / "points" / "r0.500-frequency" / "result.json").read_text())
+    assert pruned["parameters"]["routed_experts"] == 4 * 4 * 3 * 64 * 24
+    assert set(pruned["directions"]["en-fr"]) >= {"chrf++", "bleu", "chrf++_signature", "off_target_rate"}
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["pruning_ratio"], r["criterion"], r["sft"]) for r in rows} == {
+        ("0.0", "frequency", "False"),
+        ("0.0", "random", "False"),
+        ("0.5", "frequency", "False"),
+        ("0.5", "frequency", "True"),
+        ("0.5", "random", "False"),
+    }
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["eval"]["examples_per_direction"] == {"en-fr": 3}
+    assert len(summary["points"]) == 5
+    for plot in ("chrf_vs_ratio.png", "expert_usage.png"):
+        assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    # one W&B run per point and a summary run; the SFT's own training run lives in its output directory
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 5 + 1
+    assert len(list((out / "points" / "r0.500-frequency-sft" / "sft" / "wandb").glob("offline-run-*"))) == 1
+    # resume: finished points are kept, an interrupted one is redone from scratch
+    kept = (out / "points" / "r0.500-random-s0" / "result.json").stat().st_mtime_ns
+    (out / "points" / "r0.500-random-s1" / "result.json").unlink()
+    (out / "points" / "r0.500-random-s1" / "stale.tmp").write_text("half-written")
+    run_sweep_cli([*argv[:-4], "--report_to", "none", "--heatmap_ratio", "0.5"])
+    assert (out / "points" / "r0.500-random-s0" / "result.json").stat().st_mtime_ns == kept
+    assert (out / "points" / "r0.500-random-s1" / "result.json").is_file()
+    assert not (out / "points" / "r0.500-random-s1" / "stale.tmp").exists()
