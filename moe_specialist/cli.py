@@ -189,12 +189,10 @@ def cmd_plan(argv: list[str]) -> None:
 
 
 def cmd_prune(argv: list[str]) -> None:
-    from transformers import AutoConfig
-
-    from moe_specialist.model_card import pruned_model_card
+    from moe_specialist.model_card import pruned_model_card, summarize_moe
     from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
     from moe_specialist.plan import PrunePlan
-    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model, structure_from_config
+    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model
 
     model_args, inputs, output = _parse((ModelArguments, PruneInputArguments, OutputArguments), argv)
     path = output.checked()
@@ -211,18 +209,7 @@ def cmd_prune(argv: list[str]) -> None:
             from huggingface_hub import snapshot_download
 
             source = snapshot_download(source, revision=model_args.model_revision)
-        config = AutoConfig.from_pretrained(source)
-        before = structure_from_config(config)
-        summary_before = _summary(before)
-        plan.validate(before)
-        after_config = AutoConfig.from_pretrained(source)
-        from moe_specialist.prune import update_config
-
-        counts = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in before.experts_per_layer.items()}
-        update_config(after_config, counts, plan.top_k)
-        summary_after = _summary(structure_from_config(after_config))
-        card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, summary_after, before.routing)
-        prune_checkpoint(source, plan, path, overwrite=output.overwrite, model_card=card)
+        prune_checkpoint(source, plan, path, overwrite=output.overwrite, source_name=model_args.model_name_or_path)
     else:
         from moe_specialist.architectures import find_moe
 
@@ -230,9 +217,9 @@ def cmd_prune(argv: list[str]) -> None:
             source, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
         )
         moe = find_moe(model)
-        summary_before = _summary(moe)
+        summary_before = summarize_moe(moe)
         prune_model(model, plan, moe)
-        card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, _summary(moe), moe.routing)
+        card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, summarize_moe(moe), moe.routing)
         save_pruned_model(
             model,
             path,
@@ -241,14 +228,6 @@ def cmd_prune(argv: list[str]) -> None:
             extra_files={"README.md": card, "prune_plan.json": json.dumps(plan.to_dict(), indent=2)},
         )
     print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")
-
-
-def _summary(moe) -> dict:
-    return {
-        "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
-        "parameters": moe.parameter_counts(),
-        "top_k": moe.top_k,
-    }
 
 
 def cmd_evaluate(argv: list[str]) -> None:

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from moe_specialist import __version__
+from moe_specialist.architectures import MoEModel
 from moe_specialist.plan import PrunePlan
+
+
+def summarize_moe(moe: MoEModel) -> dict:
+    """Experts per layer, parameter counts and top-k: the ``before``/``after`` of a model card and of results."""
+    return {
+        "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
+        "parameters": moe.parameter_counts(),
+        "top_k": moe.top_k,
+    }
 
 
 def _millions(n: int) -> str:

@@ -38,6 +38,7 @@ from moe_specialist.architectures import (
     text_config,
 )
 from moe_specialist.io import atomic_write_json, atomic_write_text, staging_dir
+from moe_specialist.model_card import pruned_model_card, summarize_moe
 from moe_specialist.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
@@ -275,9 +276,9 @@ def prune_checkpoint(
     plan: PrunePlan,
     output_dir: str | Path,
     overwrite: bool = False,
-    model_card: str | None = None,
+    source_name: str | None = None,
 ) -> dict:
-    """Rewrite a safetensors checkpoint shard by shard; peak memory is about one shard."""
+    """Rewrite a safetensors checkpoint shard by shard (peak memory about one shard), with config, plan and card."""
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     meta_moe = structure_from_config(config)
@@ -317,6 +318,13 @@ def prune_checkpoint(
         new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
         update_config(config, after, new_top_k)
         config.save_pretrained(tmp)
+        card = pruned_model_card(
+            source_name or str(model_dir),
+            plan,
+            summarize_moe(meta_moe),
+            summarize_moe(structure_from_config(config)),
+            meta_moe.routing,
+        )
         for item in model_dir.iterdir():  # tokenizer, generation config, chat template...
             if (
                 item.is_file()
@@ -325,6 +333,5 @@ def prune_checkpoint(
             ):
                 shutil.copy2(item, tmp / item.name)
         plan.save(tmp / "prune_plan.json")
-        if model_card:
-            atomic_write_text(model_card, tmp / "README.md")
+        atomic_write_text(card, tmp / "README.md")
     return {"experts_before": counts, "experts_after": after, "total_size": total_size}

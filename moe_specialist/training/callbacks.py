@@ -33,6 +33,7 @@ from moe_specialist.data.prompts import format_prompt
 from moe_specialist.evaluate import average_scores, score_direction
 from moe_specialist.generation import generate_texts
 from moe_specialist.io import atomic_write_json
+from moe_specialist.model_card import summarize_moe
 from moe_specialist.plan import PrunePlan, plan_for
 from moe_specialist.prune import PruneReport, prune_model
 from moe_specialist.stats import RoutingStats
@@ -74,15 +75,6 @@ def register_zero3_leaf_modules(model: torch.nn.Module, moe: MoEModel | None = N
     classes = list({type(layer.block): None for layer in moe.layers})
     set_z3_leaf_modules(model, classes)
     return [cls.__name__ for cls in classes]
-
-
-def summarize_moe(moe: MoEModel) -> dict:
-    """Experts per layer, parameter counts and top-k: the ``before``/``after`` of a model card and of results.json."""
-    return {
-        "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
-        "parameters": moe.parameter_counts(),
-        "top_k": moe.top_k,
-    }
 
 
 def expert_fingerprint(moe: MoEModel) -> dict:
