@@ -39,13 +39,32 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SweepArguments:
     ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875", metadata={"help": "Pruning ratios to sweep."})
-    criteria: str | None = field(default=None, metadata={"help": "Criteria to compare (default: pruning_criterion)."})
+    criteria: str | None = field(
+        default=None,
+        metadata={
+            "help": "Methods to compare: a criterion, or criterion@allocation (e.g. frequency@coverage); "
+            "default: the recipe's pruning_criterion with its pruning_allocation."
+        },
+    )
     random_seeds: int = field(default=3, metadata={"help": "Seeds of the random baseline (reported as their mean)."})
     sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
     sft_criteria: str | None = field(
         default=None, metadata={"help": "Criteria that get the SFT at sft_at ratios (default: the first criterion)."}
     )
     heatmap_ratio: float = field(default=0.75, metadata={"help": "Ratio whose kept experts the heat map marks."})
+
+
+def split_method(method: str, default_allocation: str) -> tuple[str, str]:
+    """``criterion@allocation`` -> (criterion, allocation); a bare criterion takes the recipe's allocation."""
+    from moe_specialist.plan import ALLOCATIONS, CRITERIA
+
+    criterion, _, allocation = method.partition("@")
+    allocation = allocation or default_allocation
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATIONS)}.")
+    return criterion, allocation
 
 
 @dataclass(frozen=True)
@@ -57,15 +76,17 @@ class Point:
 
     @property
     def id(self) -> str:
-        seed = f"-s{self.seed}" if self.criterion == "random" else ""
-        return f"r{self.ratio:.3f}-{self.criterion}{seed}{'-sft' if self.sft else ''}"
+        seed = f"-s{self.seed}" if self.criterion.startswith("random") else ""
+        return f"r{self.ratio:.3f}-{self.criterion.replace('@', '-')}{seed}{'-sft' if self.sft else ''}"
 
 
-def sweep_points(args: SweepArguments, default_criterion: str, seed: int) -> list[Point]:
+def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
     ratios = [float(r) for r in split_list(args.ratios) or []]
     if not ratios:
         raise ValueError("--ratios is empty: give e.g. 0,0.5,0.75.")
     criteria = split_list(args.criteria) or [default_criterion]
+    for method in criteria:
+        split_method(method, default_allocation)
     sft_at = [float(r) for r in split_list(args.sft_at) or []]
     missing = [r for r in sft_at if r not in ratios]
     if missing:
@@ -79,7 +100,8 @@ def sweep_points(args: SweepArguments, default_criterion: str, seed: int) -> lis
         for criterion in criteria:
             if ratio == 0 and criterion != criteria[0]:
                 continue  # nothing is pruned: one baseline serves every criterion
-            seeds = range(args.random_seeds) if criterion == "random" and ratio > 0 else [seed]
+            is_random = split_method(criterion, default_allocation)[0] == "random"
+            seeds = range(args.random_seeds) if is_random and ratio > 0 else [seed]
             for s in seeds:
                 points.append(Point(ratio, criterion, s, False))
                 if ratio in sft_at and criterion in sft_criteria:
@@ -140,12 +162,13 @@ class Sweep:
         shutil.rmtree(self.point_dir(point), ignore_errors=True)  # an interrupted point is redone from scratch
         self.point_dir(point).mkdir(parents=True)
         start = time.time()
+        criterion, allocation = split_method(point.criterion, self.pruning.pruning_allocation)
         plan = make_plan(
             self.moe,
             self.stats,
             point.ratio,
-            criterion=point.criterion,
-            allocation=self.pruning.pruning_allocation,
+            criterion=criterion,
+            allocation=allocation,
             groups=split_list(self.pruning.pruning_groups),
             roles=split_list(self.pruning.pruning_roles),
             top_k=self.pruning.pruning_top_k,
@@ -164,7 +187,7 @@ class Sweep:
             **asdict(point),
             "pruning_ratio": point.ratio,
             "actual_ratio": plan.metadata["actual_ratio"],
-            "allocation": self.pruning.pruning_allocation,
+            "allocation": allocation,
             "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
             "parameters": moe.parameter_counts(),
             "checkpoint_bytes": checkpoint_bytes(model),
@@ -268,7 +291,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def heatmap(sweep: Sweep, results: list[dict], ratio: float, path: Path) -> None:
-    candidates = [r for r in results if r["pruning_ratio"] == ratio and not r["sft"] and r["criterion"] != "random"]
+    candidates = [
+        r for r in results if r["pruning_ratio"] == ratio and not r["sft"] and not r["criterion"].startswith("random")
+    ]
     if not candidates:
         return
     best = max(candidates, key=lambda r: r["average"]["chrf++"])
@@ -339,7 +364,8 @@ class SweepWandb:
         config = {
             **self.recipe,
             "pruning_ratio": result["pruning_ratio"],
-            "pruning_criterion": result["criterion"],
+            "pruning_criterion": result["criterion"].partition("@")[0],
+            "pruning_allocation": result["allocation"],
             "pruning_seed": result["seed"],
             "sft": result["sft"],
             "kept_experts": plan.to_dict()["kept_experts"],
@@ -439,7 +465,9 @@ def run_sweep_cli(argv: list[str]) -> None:
         sft=sft,
         wandb_logger=wandb_logger,
     )
-    points = sweep_points(sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed)
+    points = sweep_points(
+        sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
+    )
     rows = run_sweep(sweep, points, sweep_args.heatmap_ratio)
     print(format_table(rows))
     print(f"\nwrote {run_dir}/results.csv, results.json, plots/chrf_vs_ratio.png, plots/expert_usage.png")

@@ -13,7 +13,7 @@ from moe_specialist.sweep import Point, SweepArguments, format_table, run_sweep_
 
 def test_points_grid_shares_the_baseline_and_seeds_random():
     args = SweepArguments(ratios="0,0.5,0.75", criteria="frequency,random", random_seeds=3, sft_at="0.75")
-    points = sweep_points(args, "frequency", seed=0)
+    points = sweep_points(args, "frequency", 0, "uniform")
     ids = [p.id for p in points]
     assert ids[0] == "r0.000-frequency" and "r0.000-random-s0" not in ids  # one unpruned baseline
     assert {"r0.500-random-s0", "r0.500-random-s1", "r0.500-random-s2"} <= set(ids)
@@ -23,11 +23,28 @@ def test_points_grid_shares_the_baseline_and_seeds_random():
 
 def test_grid_errors():
     with pytest.raises(ValueError, match=r"--sft_at ratios \[0.9\] are not among --ratios"):
-        sweep_points(SweepArguments(ratios="0,0.5", sft_at="0.9"), "frequency", 0)
+        sweep_points(SweepArguments(ratios="0,0.5", sft_at="0.9"), "frequency", 0, "uniform")
     with pytest.raises(ValueError, match="--sft_criteria"):
         sweep_points(
-            SweepArguments(ratios="0,0.5", criteria="reap", sft_at="0.5", sft_criteria="gate_mass"), "frequency", 0
+            SweepArguments(ratios="0,0.5", criteria="reap", sft_at="0.5", sft_criteria="gate_mass"),
+            "frequency",
+            0,
+            "uniform",
         )
+    with pytest.raises(ValueError, match="Unknown allocation 'smart' in --criteria"):
+        sweep_points(SweepArguments(ratios="0,0.5", criteria="reap@smart"), "frequency", 0, "uniform")
+
+
+def test_methods_combine_criteria_and_allocations():
+    args = SweepArguments(ratios="0,0.5", criteria="frequency@coverage,frequency,random@global", random_seeds=2)
+    ids = [p.id for p in sweep_points(args, "frequency", 0, "uniform")]
+    assert ids == [
+        "r0.000-frequency-coverage",
+        "r0.500-frequency-coverage",
+        "r0.500-frequency",
+        "r0.500-random-global-s0",
+        "r0.500-random-global-s1",
+    ]
 
 
 def result(ratio, criterion, chrf, seed=0, sft=False):
