@@ -13,21 +13,36 @@ from typing import Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temporary_sibling(path: Path) -> Path:
+    """A temporary file next to ``path`` with the permissions a plain ``open`` would give (mkstemp makes 0600)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(data: Any, path: str | Path) -> None:
@@ -35,14 +50,8 @@ def atomic_write_json(data: Any, path: str | Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
@@ -59,6 +68,7 @@ def staging_dir(path: str | Path, overwrite: bool = False):
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():

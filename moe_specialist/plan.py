@@ -19,7 +19,7 @@ from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
 from moe_specialist.configs import PruningArguments, split_list
 from moe_specialist.io import atomic_write_json
-from moe_specialist.stats import RoutingStats
+from moe_specialist.stats import ROLES, RoutingStats
 
 # ---- criteria: RoutingStats -> scores [layer, expert] (higher = keep) -----------------------------------------------
 Criterion = Callable[[RoutingStats, "list[str] | None", "list[str] | None", int], torch.Tensor]
@@ -53,6 +53,12 @@ def reap(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
     return selected["reap_sum"] / selected["count"].clamp_min(1)
 
 
+@register_criterion("output_mass")
+def output_mass(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
+    """Total router-weighted output the expert adds on the data (sum of g * ||f_e(x)||): frequency x REAP."""
+    return stats.select(groups, roles)["reap_sum"]
+
+
 @register_criterion("random")
 def random(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
     """Seeded random scores: the baseline every criterion must beat."""
@@ -62,18 +68,20 @@ def random(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
 
 @register_criterion("language_aware")
 def language_aware(stats: RoutingStats, groups, roles, seed: int) -> torch.Tensor:
-    """Gate mass as a share of each (direction, role) slice, averaged over the slices.
+    """Router-weighted output mass as a share of each (direction, role) slice, averaged over the slices.
 
-    Source (prompt) and target (completion) tokens of a direction route to different, language-specific experts in
-    early and late layers; summing raw counts lets whichever side has more tokens (and any direction with more data)
-    decide. Normalising each slice per layer gives every language side of every direction an equal say.
+    In early and late layers the source (prompt) and target (completion) tokens of a direction route to different,
+    language-specific experts; summing raw mass lets whichever side has more tokens (and any direction with more
+    calibration data) decide which language keeps its experts. Normalising each slice per layer gives every language
+    side of every direction an equal say, and weighting by output norm keeps the experts that change the residual
+    stream most.
     """
     chosen_groups = groups or stats.groups
-    chosen_roles = roles or [r for r in ("source", "target")]
+    chosen_roles = roles or list(ROLES)
     slices = []
     for group in chosen_groups:
         for role in chosen_roles:
-            mass = stats.select([group], [role])["gate_mass"]
+            mass = stats.select([group], [role])["reap_sum"]
             total = mass.sum(dim=1, keepdim=True)
             if float(total.sum()) > 0:
                 slices.append(mass / total.clamp_min(1e-300))

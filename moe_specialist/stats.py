@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
-from moe_specialist.io import atomic_write_json
+from moe_specialist.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +188,8 @@ class RoutingStats:
             **self.metadata,
         }
         tensors = {name: getattr(self, name).contiguous() for name in (*METRICS, "tokens")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"moe_specialist": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"moe_specialist": json.dumps(header)})
         atomic_write_json({**header, "tokens": self.token_table()}, path.with_suffix(".json"))
 
     @classmethod

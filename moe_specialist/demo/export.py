@@ -190,7 +190,6 @@ def model_card(summary: dict, balance: dict, divergence: dict, scores: dict, par
 
 
 def main(args: ExportArguments) -> None:
-    torch.set_num_threads(2)
     run_dir = Path(args.run_dir)
     model, tokenizer, train_args, state = load_trained(run_dir)
     summary = {
