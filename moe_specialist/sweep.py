@@ -344,6 +344,42 @@ def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[d
     return rows
 
 
+# Recipe keys that do not change a point's result: a sweep may be resumed with other values of these.
+RESUMABLE_KEYS = {
+    "output_dir",
+    "logging_dir",
+    "run_name",
+    "report_to",
+    "logging_steps",
+    "pruning_ratio",
+    "pruning_criterion",
+    "pruning_allocation",
+    "pruning_seed",
+    "prune_plan",
+    "callbacks",
+}
+
+
+def check_resumable(config_file: Path, recipe: dict) -> None:
+    """Refuse to mix points of different configurations in one output directory (a resumed sweep reuses points)."""
+    if not config_file.is_file():
+        return
+    previous = json.loads(config_file.read_text())
+    differing = sorted(
+        key
+        for key in set(previous) | set(recipe)
+        if key != "sweep"
+        and key not in RESUMABLE_KEYS
+        and not key.startswith("wandb")
+        and json.dumps(previous.get(key), default=str) != json.dumps(recipe.get(key), default=str)
+    )
+    if differing:
+        raise ValueError(
+            f"{config_file.parent} holds a sweep run with another configuration ({', '.join(differing)} differ): "
+            "its finished points would be reused. Choose another --output_dir, or delete that directory."
+        )
+
+
 class SweepWandb:
     """One W&B run per point and a summary run, all in the sweep's group (rank 0, offline without credentials)."""
 
@@ -433,6 +469,7 @@ def run_sweep_cli(argv: list[str]) -> None:
     run_dir = Path(training_args.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
+    check_resumable(run_dir / "sweep_config.json", recipe)
     atomic_write_json({**recipe, "sweep": asdict(sweep_args)}, run_dir / "sweep_config.json")
     generation = {
         "batch_size": training_args.mt_eval_batch_size,

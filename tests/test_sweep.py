@@ -156,3 +156,6 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     assert (out / "points" / "r0.500-random-s0" / "result.json").stat().st_mtime_ns == kept
     assert (out / "points" / "r0.500-random-s1" / "result.json").is_file()
     assert not (out / "points" / "r0.500-random-s1" / "stale.tmp").exists()
+    # another configuration must not reuse these points
+    with pytest.raises(ValueError, match=r"another configuration \(max_eval_examples differ\)"):
+        run_sweep_cli([*argv, "--max_eval_examples", "2"])
