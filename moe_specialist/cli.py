@@ -109,7 +109,8 @@ def describe(moe) -> dict:
         "moe_layers": moe.layer_indices,
         "experts_per_layer": {str(k): v for k, v in moe.experts_per_layer.items()},
         "top_k": moe.top_k,
-        "count_fields": {name: stored_field_name(config, name) for name in moe.count_fields},
+        "count_fields": sorted({stored_field_name(config, name) for name in moe.count_fields}),
+        "count_aliases": sorted(name for name in moe.count_fields if stored_field_name(config, name) != name),
         "top_k_field": moe.top_k_field,
         "n_group": moe.n_group,
         "routing": {"kind": moe.routing.kind, "exact": moe.routing.exact, "reason": moe.routing.reason},
@@ -132,7 +133,8 @@ def format_description(name: str, report: dict) -> str:
             f"  MoE layers       {len(report['moe_layers'])}: {report['moe_layers']} ({report['block']})",
             f"  experts/layer    {per_layer}, top-k {report['top_k']}, groups {report['n_group']}, "
             f"shared experts: {shared}",
-            f"  config fields    count {report['count_fields']}, top-k '{report['top_k_field']}'",
+            f"  config fields    expert count {', '.join(report['count_fields'])} (aliases: "
+            f"{', '.join(report['count_aliases']) or 'none'}), top-k {report['top_k_field']}",
             f"  routing          {report['routing']['kind']}; exact under pruning: {exact}",
             f"                   ({report['routing']['reason']})",
             f"  parameters       {millions['total']} total = {millions['routed_experts']} in routed experts + "
