@@ -30,7 +30,7 @@ PER_EXPERT_TENSOR_NAMES = ("bias", "e_score_correction_bias", "expert_bias", "pe
 # Our config key for a model whose MoE layers kept different numbers of experts.
 PER_LAYER_COUNT_KEY = "moe_experts_per_layer"
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -245,13 +245,13 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 def _layer_index(path: str) -> int:
-    matches = _LAYER_INDEX.findall(path)
+    matches = LAYER_INDEX.findall(path)
     if not matches:
         raise UnsupportedArchitectureError(f"Cannot tell which decoder layer the MoE block {path!r} belongs to.")
     return int(matches[-1])
 
 
-def _router_of(parent: nn.Module, num_experts: int, where: str) -> tuple[str, nn.Module]:
+def _router_of(parent: nn.Module, where: str) -> tuple[str, nn.Module]:
     for name in ("gate", "router"):
         router = getattr(parent, name, None)
         if isinstance(router, nn.Module):
@@ -304,7 +304,7 @@ def _fused_layer(path: str, experts: nn.Module, modules: dict[str, nn.Module]) -
     parent_path = path.rsplit(".", 1)[0]
     block = modules[parent_path]
     num_experts = experts.num_experts
-    router_name, router = _router_of(block, num_experts, parent_path)
+    router_name, router = _router_of(block, parent_path)
     router_path = f"{parent_path}.{router_name}"
     tensors = [
         ExpertTensor(experts, name, f"{path}.{name}", 0)

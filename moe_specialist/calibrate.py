@@ -20,11 +20,9 @@ from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import encode_prompt_completion
 from moe_specialist.data.sources import check_trainable, general_texts, load_examples
-from moe_specialist.stats import IGNORE, METRICS, ROLES, RoutingCollector, RoutingStats
+from moe_specialist.stats import IGNORE, METRICS, ROLES, RoutingCollector, RoutingStats, StatisticsMismatchError
 
 logger = logging.getLogger(__name__)
-
-GENERAL = "general"
 
 
 def encode_calibration_data(
@@ -130,13 +128,51 @@ def calibration_data(args: CalibrationArguments) -> tuple[dict[str, list[Paralle
     return examples, general
 
 
+CALIBRATION_KEYS = (
+    "calibration_dataset",
+    "calibration_directions",
+    "calibration_split",
+    "calibration_examples",
+    "calibration_general_languages",
+    "calibration_max_length",
+    "calibration_seed",
+)
+
+
+def calibration_settings(args: CalibrationArguments) -> dict:
+    """What decides the statistics' content (batch size and file name do not)."""
+    return {key: getattr(args, key) for key in CALIBRATION_KEYS}
+
+
+def _file_exists_on_rank0(path: str | None) -> bool:
+    """Every rank must take the same branch (reuse or all-reduce), so rank 0 decides."""
+    exists = [bool(path) and Path(path).is_file()]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(exists, src=0)
+    return exists[0]
+
+
+def load_matching_statistics(path: str, model, args: CalibrationArguments) -> RoutingStats:
+    """A statistics file, refused unless it fits the model and was calibrated with these settings."""
+    stats = RoutingStats.load(path)
+    stats.validate_for(find_moe(model))
+    recorded = stats.metadata.get("calibration")
+    if recorded is not None:
+        differing = [f"{k}={recorded.get(k)!r}" for k, v in calibration_settings(args).items() if recorded.get(k) != v]
+        if differing:
+            raise StatisticsMismatchError(
+                f"{path} was calibrated with other settings ({', '.join(differing)}); delete it or point "
+                "statistics_file elsewhere to calibrate with the current ones."
+            )
+    return stats
+
+
 def statistics_for(
-    model, tokenizer, args: CalibrationArguments, model_name: str, progress: bool = True
+    model, tokenizer, args: CalibrationArguments, model_name: str, progress: bool = True, reuse: bool = True
 ) -> RoutingStats:
-    """Reuse ``args.statistics_file`` when it exists (checked against the model), else calibrate (and save there)."""
-    if args.statistics_file and Path(args.statistics_file).is_file():
-        stats = RoutingStats.load(args.statistics_file)
-        stats.validate_for(find_moe(model))
+    """Reuse ``args.statistics_file`` when it exists and fits (``reuse``), else calibrate and save it there."""
+    if reuse and _file_exists_on_rank0(args.statistics_file):
+        stats = load_matching_statistics(args.statistics_file, model, args)
         logger.info("Reusing routing statistics from %s", args.statistics_file)
         return stats
     examples, general = calibration_data(args)
@@ -147,14 +183,7 @@ def statistics_for(
         general,
         batch_size=args.calibration_batch_size,
         max_length=args.calibration_max_length,
-        metadata={
-            "model": model_name,
-            "data": {
-                "dataset": args.calibration_dataset,
-                "split": args.calibration_split,
-                "seed": args.calibration_seed,
-            },
-        },
+        metadata={"model": model_name, "calibration": calibration_settings(args)},
         progress=progress,
     )
     if args.statistics_file and (not dist.is_initialized() or dist.get_rank() == 0):

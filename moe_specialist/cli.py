@@ -32,7 +32,9 @@ class ModelArguments:
         default="demo", metadata={"aliases": ["--model"], "help": "Hub id, local directory, or 'demo'."}
     )
     model_revision: str | None = field(default=None)
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (the checkpoint's; float32 for demo), float32, bfloat16, float16."}
+    )
     trust_remote_code: bool = field(default=False)
 
 
@@ -71,13 +73,6 @@ class EvaluateArguments:
     split: str = field(default="test")
     limit: int | None = field(default=None, metadata={"help": "Examples per direction (a seeded sample)."})
     seed: int = field(default=0)
-
-
-@dataclass
-class SweepArguments:
-    ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875")
-    criteria: str | None = field(default=None, metadata={"help": "Default: the recipe's pruning_criterion."})
-    sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
 
 
 def _parse(types, argv):
@@ -149,14 +144,18 @@ def cmd_calibrate(argv: list[str]) -> None:
 
     model_args, calibration, output = _parse((ModelArguments, CalibrationArguments, OutputArguments), argv)
     path = output.checked()
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--output {path} must end in .safetensors (a readable .json summary is written next to it).")
+    if calibration.statistics_file and Path(calibration.statistics_file) != path:
+        raise ValueError("calibrate writes --output; --statistics_file is for recipes that reuse statistics.")
     calibration.statistics_file = str(path)
     state = _distributed_state()
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
     )
     model.to(state.device)
-    stats = statistics_for(
-        model, tokenizer, calibration, model_args.model_name_or_path, progress=state.is_main_process
+    stats = statistics_for(  # the output was checked above: with --overwrite, calibrate again
+        model, tokenizer, calibration, model_args.model_name_or_path, progress=state.is_main_process, reuse=False
     )
     if state.is_main_process:
         tokens = {g: sum(v.values()) for g, v in stats.token_table().items()}
@@ -193,8 +192,8 @@ def cmd_plan(argv: list[str]) -> None:
 def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
     from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
-    from moe_specialist.plan import PrunePlan
-    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model
+    from moe_specialist.plan import PLAN_FILE, PrunePlan
+    from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
 
     model_args, inputs, output = _parse((ModelArguments, PruneInputArguments, OutputArguments), argv)
     path = output.checked()
@@ -210,7 +209,7 @@ def cmd_prune(argv: list[str]) -> None:
         if not local:
             from huggingface_hub import snapshot_download
 
-            source = snapshot_download(source, revision=model_args.model_revision)
+            source = snapshot_download(source, revision=model_args.model_revision, allow_patterns=SNAPSHOT_PATTERNS)
         prune_checkpoint(source, plan, path, overwrite=output.overwrite, source_name=model_args.model_name_or_path)
     else:
         from moe_specialist.architectures import find_moe
@@ -227,7 +226,7 @@ def cmd_prune(argv: list[str]) -> None:
             path,
             tokenizer,
             overwrite=output.overwrite,
-            extra_files={"README.md": card, "prune_plan.json": json.dumps(plan.to_dict(), indent=2)},
+            extra_files={"README.md": card, PLAN_FILE: json.dumps(plan.to_dict(), indent=2)},
         )
     print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")
 
@@ -245,7 +244,11 @@ def cmd_evaluate(argv: list[str]) -> None:
         evaluation.data, evaluation.pairs, evaluation.split, limit=evaluation.limit, seed=evaluation.seed
     )
     model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
+        model_args.model_name_or_path,
+        model_args.dtype,
+        model_args.model_revision,
+        model_args.trust_remote_code,
+        device=_distributed_state().device,
     )
     result = evaluate_translations(
         model,

@@ -44,11 +44,13 @@ class CalibrationArguments:
 class PruningArguments:
     pruning_ratio: float = field(default=0.5, metadata={"help": "Share of routed experts removed, in [0, 1)."})
     pruning_criterion: str = field(
-        default="frequency", metadata={"help": "frequency | gate_mass | reap | random | language_aware"}
+        default="frequency",
+        metadata={"help": "frequency | gate_mass | reap | output_mass | language_aware | random"},
     )
     pruning_allocation: str = field(default="uniform", metadata={"help": "uniform | global | coverage"})
     pruning_groups: str | None = field(
-        default=None, metadata={"help": "Statistics groups to score with (default: every calibrated direction)."}
+        default=None,
+        metadata={"help": "Statistics groups to score with (default: every calibrated direction, not monolingual)."},
     )
     pruning_roles: str | None = field(default=None, metadata={"help": "source, target or both (default)."})
     pruning_top_k: int | None = field(
@@ -58,9 +60,22 @@ class PruningArguments:
     prune_plan: str | None = field(default=None, metadata={"help": "A plan JSON to replay instead of planning."})
 
     def __post_init__(self):
-        from moe_specialist.plan import validate_ratio
+        from moe_specialist.plan import ALLOCATIONS, CRITERIA, validate_ratio
 
         validate_ratio(self.pruning_ratio)
+        if self.pruning_criterion not in CRITERIA:
+            raise ValueError(
+                f"Unknown pruning_criterion {self.pruning_criterion!r}; choose one of {sorted(CRITERIA)}."
+            )
+        if self.pruning_allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"Unknown pruning_allocation {self.pruning_allocation!r}; choose one of {sorted(ALLOCATIONS)}."
+            )
+        unknown_roles = set(split_list(self.pruning_roles) or []) - {"source", "target"}
+        if unknown_roles:
+            raise ValueError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
+        if self.pruning_top_k is not None and self.pruning_top_k < 1:
+            raise ValueError(f"pruning_top_k must be a positive integer, got {self.pruning_top_k}.")
 
 
 @dataclass
@@ -70,3 +85,12 @@ class GenerationArguments:
     no_repeat_ngram_size: int = field(
         default=0, metadata={"help": "Repetition guard (0 = off); reported with scores."}
     )
+
+
+def check_calibration_data(calibration: CalibrationArguments, eval_dataset: str, eval_split: str) -> None:
+    """Statistics from the evaluation split would tune the pruning on the very sentences it is scored on."""
+    if calibration.calibration_dataset == eval_dataset and calibration.calibration_split == eval_split:
+        raise ValueError(
+            f"Calibrating on {eval_dataset}:{eval_split}, the split being evaluated, would choose experts on the test "
+            "sentences: calibrate on training data (calibration_split: train)."
+        )

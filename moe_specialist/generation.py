@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from tqdm.auto import tqdm
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.prompts import format_prompt
+
+HARMONY_CHANNEL = "<|channel|>"
+HARMONY_FINAL = "<|channel|>final<|message|>"
+
+
+def decode_reply(tokenizer, tokens: list[int]) -> str:
+    """The reply's text. Harmony models (GPT-OSS) write channels: keep the ``final`` channel, drop the analysis."""
+    raw = tokenizer.decode(tokens, skip_special_tokens=False)
+    if HARMONY_CHANNEL not in raw:
+        return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    final = raw.rsplit(HARMONY_FINAL, 1)[1] if HARMONY_FINAL in raw else ""
+    return re.sub(r"<\|[a-z_]+\|>", "", final).strip()
 
 
 @torch.no_grad()
@@ -55,7 +69,7 @@ def generate_texts(
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             for i, row in zip(index, new_tokens.tolist(), strict=False):
                 cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
-                outputs[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                outputs[i] = decode_reply(tokenizer, row[:cut])
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

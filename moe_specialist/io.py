@@ -13,17 +13,20 @@ from typing import Any
 import torch
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask changes it process-wide for a moment
 
 
 def _temporary_sibling(path: Path) -> Path:
     """A temporary file next to ``path`` with the permissions a plain ``open`` would give (mkstemp makes 0600)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+    os.chmod(name, 0o666 & ~_UMASK)
     return Path(name)
 
 
@@ -68,14 +71,19 @@ def staging_dir(path: str | Path, overwrite: bool = False):
     path = prepare_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, backup / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(backup)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(backup / path.name, path)  # put the previous output back
+                raise
+            finally:
+                shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:

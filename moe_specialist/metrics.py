@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from sacrebleu.metrics import BLEU, CHRF
 
 from moe_specialist.data.example import ParallelExample
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def bleu_metric(target_language: str) -> BLEU:
+    """sacreBLEU's BLEU for a target language (zh / ja-mecab / ko-mecab tokenizers for zh, ja, ko).
+
+    The MeCab tokenizers need ``pip install "sacrebleu[ja,ko]"`` (the ``cjk`` extra of this package); without them
+    BLEU falls back to character tokenization, which the signature records as ``tok:char``.
+    """
+    language = target_language.split("-")[0]
+    try:
+        return BLEU(trg_lang=language)
+    except RuntimeError as error:
+        logger.warning("BLEU for %s uses tok:char: %s", language, str(error).strip().splitlines()[0])
+        return BLEU(tokenize="char")
 
 
 def reference_streams(examples: list[ParallelExample]) -> list[list[str | None]]:
@@ -21,7 +41,7 @@ def score_translations(hypotheses: list[str], examples: list[ParallelExample]) -
         raise ValueError("No examples to score.")
     refs = reference_streams(examples)
     chrf = CHRF(word_order=2)
-    bleu = BLEU(trg_lang=examples[0].tgt.short)
+    bleu = bleu_metric(examples[0].tgt.short)
     chrf_score = chrf.corpus_score(hypotheses, refs)
     bleu_score = bleu.corpus_score(hypotheses, refs)
     return {

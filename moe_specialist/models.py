@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, Mxfp4Config
 
 from moe_specialist.prune import load_pruned_model
 
@@ -26,21 +26,44 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name_or_path: str, dtype: str | torch.dtype | None):
+    """``auto`` keeps the checkpoint's dtype, except for the CPU demo, which is scored in float32."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if name_or_path == DEMO else "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return getattr(torch, dtype)
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
     **model_kwargs,
 ):
     """Model (any per-layer expert counts) and tokenizer with a pad token, ready for left-padded generation.
 
-    ``model_kwargs`` (e.g. ``attn_implementation``) go to ``from_pretrained`` only.
+    ``device`` moves the model there (e.g. ``PartialState().device``); ``model_kwargs`` (e.g.
+    ``attn_implementation``) go to ``from_pretrained``. MXFP4 checkpoints (GPT-OSS) are dequantized: pruning slices
+    the expert tensors, which must be plain tensors.
     """
     path = resolve_model_path(name_or_path)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    model = load_pruned_model(path, dtype=dtype, **kwargs, **model_kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    if str(method).lower().endswith("mxfp4"):
+        model_kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
+    model = load_pruned_model(path, dtype=resolve_dtype(name_or_path, dtype), **kwargs, **model_kwargs)
+    if device is not None:
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

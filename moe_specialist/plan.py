@@ -174,6 +174,9 @@ ALLOCATIONS: dict[str, Callable[[torch.Tensor, Budget], list[int]]] = {
 }
 
 
+PLAN_FILE = "prune_plan.json"  # the plan's name next to every checkpoint, run and sweep point
+
+
 # ---- the plan -------------------------------------------------------------------------------------------------------
 @dataclass
 class PrunePlan:
@@ -207,6 +210,8 @@ class PrunePlan:
                 raise ValueError(f"{source}: layer {layer} lists an expert twice: {ids}.")
             kept[index] = sorted(ids)
         top_k = data.get("top_k")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"{source}: 'top_k' must be a positive integer or null, got {top_k!r}.")
         metadata = {k: v for k, v in data.items() if k not in ("kept_experts", "top_k")}
         return cls(kept, top_k, metadata)
 
@@ -224,6 +229,13 @@ class PrunePlan:
     def validate(self, moe: MoEModel) -> None:
         """A clear error for any layer, expert or count the model cannot take."""
         counts = moe.experts_per_layer
+        recorded = {int(k): v for k, v in (self.metadata.get("num_experts") or {}).items()}
+        differing = {k: (v, counts.get(k)) for k, v in recorded.items() if counts.get(k) != v}
+        if differing:
+            raise ValueError(
+                f"The plan was made for a model with other expert counts (layer: plan's, this model's): {differing}; "
+                "make a plan for this model."
+            )
         top_k = self.top_k or moe.top_k
         if self.top_k is not None and not 1 <= self.top_k <= moe.top_k:
             raise ValueError(f"Plan top_k={self.top_k} must be between 1 and the model's top-k ({moe.top_k}).")
@@ -243,9 +255,6 @@ class PrunePlan:
                 )
             if moe.n_group > 1:
                 check_groups(ids, counts[layer], moe.n_group, layer)
-
-    def experts_removed(self, moe: MoEModel) -> int:
-        return sum(moe.experts_per_layer[layer] - len(ids) for layer, ids in self.kept_experts.items())
 
 
 def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> None:
@@ -283,6 +292,7 @@ def make_plan(
     stats.validate_for(moe)
     if top_k is not None and not 1 <= top_k <= moe.top_k:
         raise ValueError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
+    groups = groups or stats.direction_groups()
     scores = score_experts(stats, criterion, groups, roles, seed)
     num_experts = stats.num_experts
     min_keep = top_k or moe.top_k
@@ -298,7 +308,7 @@ def make_plan(
         raise ValueError(
             f"Pruning {ratio:.1%} of {total} experts leaves {keep_total}, but each of the {len(num_experts)} MoE "
             f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
-            "lower top-k explicitly (--top_k)."
+            "lower top-k explicitly (--pruning_top_k)."
         )
     budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group)
     counts = ALLOCATIONS[allocation](scores, budget)

@@ -14,6 +14,7 @@ key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with e
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -30,16 +31,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from moe_specialist.architectures import (
     COUNT_ATTRIBUTES,
     COUNT_FIELDS,
+    LAYER_INDEX,
     PER_LAYER_COUNT_KEY,
     TOP_K_ATTRIBUTES,
     TOP_K_FIELDS,
     MoEModel,
+    UnsupportedArchitectureError,
     find_moe,
     text_config,
 )
 from moe_specialist.io import atomic_write_json, atomic_write_text, staging_dir
 from moe_specialist.model_card import pruned_model_card, summarize_moe
-from moe_specialist.plan import PrunePlan
+from moe_specialist.plan import PLAN_FILE, PrunePlan
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +124,17 @@ def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) 
     top_k_before = moe.top_k
     new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != moe.top_k else None
     for layer in moe.layers:
+        touched = [layer.block, layer.experts, *layer.router.modules()]
+        if new_top_k is not None:  # every MoE layer, listed in the plan or not: the config's top-k is global
+            _set_counts(touched, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
         ids = plan.kept_experts.get(layer.layer_index)
-        if ids is None or (len(ids) == layer.num_experts and new_top_k is None):
+        if ids is None or len(ids) == layer.num_experts:
             continue
         keep = torch.tensor(ids, dtype=torch.long)
         for t in layer.tensors:
             sliced = t.tensor.index_select(t.dim, keep.to(t.tensor.device)).clone()
             _replace_tensor(t.module, t.name, sliced)
-        touched = [layer.block, layer.experts, *layer.router.modules()]
         _set_counts(touched, layer.num_experts, len(ids), COUNT_ATTRIBUTES)
-        if new_top_k is not None:
-            _set_counts(touched, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
         layer.num_experts = len(ids)
     after = {layer.layer_index: layer.num_experts for layer in moe.layers}
     original = max(before.values())
@@ -184,10 +187,20 @@ def _shape_plan(moe: MoEModel, counts: dict[int, int]) -> PrunePlan:
 def structure_from_config(config) -> MoEModel:
     """The MoE structure a config describes (per-layer counts included), without allocating weights."""
     per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None)
-    base = AutoModelForCausalLM._model_mapping[type(config)]
+    base = causal_lm_class(config)
     with torch.device("meta"):
         model = (_per_layer_class(base) if per_layer else base)(config)
     return find_moe(model)
+
+
+def causal_lm_class(config) -> type:
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"transformers has no causal-LM class for {type(config).__name__} (a multimodal or remote-code config): "
+            "point the tool at the text model's checkpoint."
+        ) from None
 
 
 def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
@@ -195,7 +208,7 @@ def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
     config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
     if not getattr(text_config(config), PER_LAYER_COUNT_KEY, None):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    base = AutoModelForCausalLM._model_mapping[type(config)]
+    base = causal_lm_class(config)
     return _per_layer_class(base).from_pretrained(path, config=config, **kwargs)
 
 
@@ -222,7 +235,6 @@ def save_pruned_model(
 
 # ---- on disk --------------------------------------------------------------------------------------------------------
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
-_KEY_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 # Substrings of on-disk names that can hold per-expert tensors outside an ``experts.{i}`` prefix (fused experts,
 # routers, score-correction biases), in the original formats of the supported families.
 _MOE_NAME_HINTS = (
@@ -239,6 +251,23 @@ _MOE_NAME_HINTS = (
 _SHARED_HINTS = ("shared",)
 
 
+# Files that travel with the weights (tokenizer, generation config, chat template); never other weight formats
+# (pytorch_model*.bin, original/...), which would be unpruned copies.
+COMPANION_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+    "preprocessor_config.json",
+)
+SNAPSHOT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES)
+
+
 def _shard_files(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -250,7 +279,7 @@ def _shard_files(path: Path) -> list[str]:
 
 def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]):
     """(new key, tensor) for one checkpoint entry, or None when the entry belongs to a removed expert."""
-    layer_match = _KEY_LAYER.search(key)
+    layer_match = LAYER_INDEX.search(key)
     layer = int(layer_match.group(1)) if layer_match else None
     if layer is None or layer not in plan_kept or layer not in counts:
         return key, tensor_loader()
@@ -325,13 +354,9 @@ def prune_checkpoint(
             summarize_moe(structure_from_config(config)),
             meta_moe.routing,
         )
-        for item in model_dir.iterdir():  # tokenizer, generation config, chat template...
-            if (
-                item.is_file()
-                and item.suffix != ".safetensors"
-                and item.name not in ("config.json", "model.safetensors.index.json", "README.md")
-            ):
+        for item in model_dir.iterdir():
+            if item.is_file() and any(fnmatch.fnmatch(item.name, pattern) for pattern in COMPANION_FILES):
                 shutil.copy2(item, tmp / item.name)
-        plan.save(tmp / "prune_plan.json")
+        plan.save(tmp / PLAN_FILE)
         atomic_write_text(card, tmp / "README.md")
     return {"experts_before": counts, "experts_after": after, "total_size": total_size}

@@ -126,6 +126,11 @@ class RoutingStats:
         merged.metadata["data"] = _merge_data_descriptions(self.metadata.get("data"), other.metadata.get("data"))
         return merged
 
+    def direction_groups(self) -> list[str]:
+        """Translation-direction groups (``en-fr``), leaving out monolingual ones; all groups if there are none."""
+        directions = [g for g in self.groups if "-" in g]
+        return directions or list(self.groups)
+
     def select(self, groups: list[str] | None = None, roles: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Sum each metric over the chosen groups and roles: ``{metric: [layer, expert]}`` (and ``tokens``)."""
         g_index = self._group_index(groups)
@@ -165,8 +170,9 @@ class RoutingStats:
         fingerprint = self.metadata.get("router_fingerprint")
         if fingerprint and moe.model.device.type != "meta" and fingerprint != router_fingerprint(moe):
             raise StatisticsMismatchError(
-                "These statistics were collected on a model with other router weights (same architecture, different "
-                "checkpoint): calibrate this model again, or delete the stale statistics file."
+                "These statistics were collected on a model with other router weights (same architecture, another "
+                "checkpoint, or the same one in another dtype): calibrate this model again, or delete the stale "
+                "statistics file."
             )
         ours = self.metadata.get("config_hash")
         if ours and ours != config_hash(moe.model.config):
@@ -180,6 +186,8 @@ class RoutingStats:
     def save(self, path: str | Path) -> None:
         """One safetensors file (tensors + JSON metadata), plus a readable JSON summary next to it."""
         path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"Statistics files end in .safetensors (the .json next to them is a summary): {path}.")
         header = {
             "groups": self.groups,
             "layers": self.layers,

@@ -21,15 +21,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+from transformers import AutoConfig
+
 from moe_specialist.analysis import usage
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
-from moe_specialist.configs import split_list
+from moe_specialist.configs import check_calibration_data, split_list
 from moe_specialist.data.sources import load_examples
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, atomic_write_text
-from moe_specialist.models import load_model_and_tokenizer
-from moe_specialist.plan import make_plan
+from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
+from moe_specialist.plan import PLAN_FILE, make_plan
 from moe_specialist.plots import plot_expert_usage, plot_quality_curve
 from moe_specialist.prune import prune_model
 
@@ -84,14 +88,16 @@ def sweep_points(args: SweepArguments, default_criterion: str, seed: int, defaul
     ratios = [float(r) for r in split_list(args.ratios) or []]
     if not ratios:
         raise ValueError("--ratios is empty: give e.g. 0,0.5,0.75.")
-    criteria = split_list(args.criteria) or [default_criterion]
-    for method in criteria:
-        split_method(method, default_allocation)
+    # always criterion@allocation: a point's id (and so its reuse on resume) names both
+    criteria = [
+        "@".join(split_method(m, default_allocation)) for m in split_list(args.criteria) or [default_criterion]
+    ]
     sft_at = [float(r) for r in split_list(args.sft_at) or []]
     missing = [r for r in sft_at if r not in ratios]
     if missing:
         raise ValueError(f"--sft_at ratios {missing} are not among --ratios {ratios}.")
-    sft_criteria = split_list(args.sft_criteria) or criteria[:1]
+    sft_criteria = ["@".join(split_method(m, default_allocation)) for m in split_list(args.sft_criteria) or []]
+    sft_criteria = sft_criteria or criteria[:1]
     unknown = [c for c in sft_criteria if c not in criteria]
     if unknown:
         raise ValueError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
@@ -109,15 +115,16 @@ def sweep_points(args: SweepArguments, default_criterion: str, seed: int, defaul
     return points
 
 
-def checkpoint_bytes(model) -> int:
-    """Size of the weights as saved (tied weights once)."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
+def checkpoint_bytes(model, dtype: torch.dtype) -> int:
+    """Size of the weights saved in ``dtype`` (the checkpoint's own; tied weights counted once)."""
+    unique = {tensor.data_ptr(): tensor.numel() for tensor in model.state_dict().values()}
+    return sum(unique.values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def saved_dtype(name_or_path: str) -> torch.dtype:
+    """The dtype a checkpoint is stored in (what its pruned copies would be saved in)."""
+    dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(name_or_path)), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 class Sweep:
@@ -126,21 +133,26 @@ class Sweep:
     def __init__(
         self,
         run_dir: Path,
-        model_name: str,
-        dtype: str,
+        model_args,
         calibration,
         pruning,
         data,
         generation: dict,
         sft=None,
         wandb_logger=None,
+        trust_remote_code: bool = False,
     ):
         self.run_dir = run_dir
-        self.model_name = model_name
+        self.model_name = model_name = model_args.model_name_or_path
         self.calibration, self.pruning, self.data, self.generation = calibration, pruning, data, generation
         self.sft = sft
         self.wandb = wandb_logger
-        self.base, self.tokenizer = load_model_and_tokenizer(model_name, dtype)
+        check_calibration_data(calibration, data.eval_dataset_name or data.dataset_name, data.eval_split)
+        self.device = PartialState().device
+        self.base, self.tokenizer = load_model_and_tokenizer(
+            model_name, model_args.dtype, model_args.model_revision, trust_remote_code, device=self.device
+        )
+        self.saved_dtype = saved_dtype(model_name)
         self.moe = find_moe(self.base)
         calibration.statistics_file = calibration.statistics_file or str(run_dir / "stats.safetensors")
         self.stats = statistics_for(self.base, self.tokenizer, calibration, model_name)
@@ -149,7 +161,7 @@ class Sweep:
             data.eval_directions or data.train_directions,
             data.eval_split,
             limit=data.max_eval_examples,
-            seed=0,
+            seed=data.dataset_seed,
         )
 
     def point_dir(self, point: Point) -> Path:
@@ -174,7 +186,7 @@ class Sweep:
             top_k=self.pruning.pruning_top_k,
             seed=point.seed,
         )
-        plan.save(self.point_dir(point) / "prune_plan.json")
+        plan.save(self.point_dir(point) / PLAN_FILE)
         if point.sft:
             scores, model = self.sft(point, plan, self.point_dir(point))
         else:
@@ -190,7 +202,7 @@ class Sweep:
             "allocation": allocation,
             "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
             "parameters": moe.parameter_counts(),
-            "checkpoint_bytes": checkpoint_bytes(model),
+            "checkpoint_bytes": checkpoint_bytes(model, self.saved_dtype),
             "average": scores["average"],
             "directions": {k: {m: v for m, v in d.items() if m != "records"} for k, d in scores["directions"].items()},
             "seconds": round(time.time() - start, 1),
@@ -299,9 +311,7 @@ def heatmap(sweep: Sweep, results: list[dict], ratio: float, path: Path) -> None
     best = max(candidates, key=lambda r: r["average"]["chrf++"])
     from moe_specialist.plan import PrunePlan
 
-    plan = PrunePlan.load(
-        sweep.point_dir(Point(best["ratio"], best["criterion"], best["seed"], False)) / "prune_plan.json"
-    )
+    plan = PrunePlan.load(sweep.point_dir(Point(best["ratio"], best["criterion"], best["seed"], False)) / PLAN_FILE)
     shares = usage(sweep.stats, split_list(sweep.pruning.pruning_groups), split_list(sweep.pruning.pruning_roles))
     plot_expert_usage(
         shares.float(),
@@ -357,7 +367,7 @@ RESUMABLE_KEYS = {
     "pruning_seed",
     "prune_plan",
     "callbacks",
-}
+}  # point ids name their criterion, allocation and seed: changing those adds points rather than reusing any
 
 
 def check_resumable(config_file: Path, recipe: dict) -> None:
@@ -477,34 +487,34 @@ def run_sweep_cli(argv: list[str]) -> None:
         "no_repeat_ngram_size": training_args.mt_eval_no_repeat_ngram_size,
     }
     wandb_logger = SweepWandb(training_args, recipe, run_dir) if "wandb" in (training_args.report_to or []) else None
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
 
     def sft(point: Point, plan, point_dir: Path):
         """Prune with the point's plan and fine-tune, in-process, through the training pipeline."""
         training_args.output_dir = str(point_dir / "sft")
         training_args.run_name = point.id
         training_args.callbacks = ["expert_pruning"]  # scored below on the sweep's own evaluation set
-        pruning_args.prune_plan = str(point_dir / "prune_plan.json")
+        pruning_args.prune_plan = str(point_dir / PLAN_FILE)
         results = run(model_args, data_args, calibration_args, pruning_args, training_args, stats=sweep.stats)
-        model, tokenizer = load_model_and_tokenizer(results["model_dir"], dtype)
+        model, tokenizer = load_model_and_tokenizer(results["model_dir"], model_args.dtype, device=sweep.device)
         scores = evaluate_translations(model, tokenizer, sweep.examples, **generation, progress=False)
         scores["training"] = results["training"]
         return scores, model
 
     sweep = Sweep(
         run_dir,
-        model_args.model_name_or_path,
-        dtype,
+        model_args,
         calibration_args,
         pruning_args,
         data_args,
         generation,
         sft=sft,
         wandb_logger=wandb_logger,
+        trust_remote_code=training_args.trust_remote_code,
     )
     points = sweep_points(
         sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
     )
     rows = run_sweep(sweep, points, sweep_args.heatmap_ratio)
     print(format_table(rows))
-    print(f"\nwrote {run_dir}/results.csv, results.json, plots/chrf_vs_ratio.png, plots/expert_usage.png")
+    plots = ", ".join(str(p.relative_to(run_dir)) for p in sorted((run_dir / "plots").glob("*.png")))
+    print(f"\nwrote {run_dir}: results.csv, results.json, {plots}")

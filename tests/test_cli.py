@@ -186,3 +186,21 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "dbrx")
     with pytest.raises(ValueError, match="DbrxForCausalLM is not supported: DBRX stores experts as flattened 2-D"):
         run("inspect", tmp_path / "dbrx")
+
+
+def test_calibrate_overwrite_recalibrates_and_settings_are_checked_on_reuse(pipeline, tiny_translator):
+    from moe_specialist.calibrate import statistics_for
+    from moe_specialist.configs import CalibrationArguments
+    from moe_specialist.models import load_model_and_tokenizer
+    from moe_specialist.stats import StatisticsMismatchError
+
+    target = pipeline / "again.safetensors"
+    run("calibrate", "--model", tiny_translator, "--calibration_examples", 4, "--output", target)
+    run("calibrate", "--model", tiny_translator, "--calibration_examples", 3, "--output", target, "--overwrite")
+    assert RoutingStats.load(target).metadata["data"]["examples"] == {"en-fr": 3}
+    model, tokenizer = load_model_and_tokenizer(str(tiny_translator))
+    args = CalibrationArguments(calibration_examples=5, statistics_file=str(target))
+    with pytest.raises(StatisticsMismatchError, match="calibration_examples=3"):
+        statistics_for(model, tokenizer, args, "tiny")
+    args.calibration_examples = 3
+    assert statistics_for(model, tokenizer, args, "tiny").groups == ["en-fr"]

@@ -191,3 +191,15 @@ def test_a_reference_of_another_example_earns_nothing():
     scores = score_translations(hypotheses, EXAMPLES)
     assert wrong > 50
     assert scores["bleu"] < 10  # only "." matches the references of the first example
+
+
+def test_bleu_for_japanese_and_traditional_chinese_targets():
+    """ja needs MeCab (sacrebleu[ja]); without it BLEU falls back to characters, and the signature says so."""
+    from moe_specialist.metrics import score_translations
+
+    ja = [ParallelExample("1", "eng_Latn", "jpn_Jpan", "I am a student.", ("私は学生です。",))]
+    scores = score_translations(["私は学生です。"], ja)
+    assert scores["bleu"] == 100.0
+    assert "tok:ja-mecab" in scores["bleu_signature"] or "tok:char" in scores["bleu_signature"]
+    zh_hant = [ParallelExample("1", "eng_Latn", "zho_Hant", "God", ("神創造天地",))]
+    assert "tok:zh" in score_translations(["神創造天地"], zh_hant)["bleu_signature"]

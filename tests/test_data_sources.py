@@ -348,3 +348,17 @@ def test_prompt_without_a_chat_template():
     prompt = "Translate from English to French:\nGood morning.\nFrench:"
     assert format_prompt(tokenizer, EXAMPLE) == prompt
     assert sft_record(tokenizer, EXAMPLE) == {"prompt": prompt, "completion": " Bonjour.<eos>"}
+
+
+def test_harmony_replies_keep_the_final_channel(demo_tokenizer):
+    """GPT-OSS writes an analysis channel before the final one; only the final text is the translation."""
+    from moe_specialist.generation import decode_reply
+
+    class Harmony:
+        def decode(self, tokens, skip_special_tokens=False):
+            text = "<|channel|>analysis<|message|>The user wants French.<|end|><|start|>assistant"
+            return text + "<|channel|>final<|message|>Bonjour le monde.<|return|>"
+
+    assert decode_reply(Harmony(), [1]) == "Bonjour le monde."
+    plain = demo_tokenizer("Bonjour le monde.<|end|>", add_special_tokens=False)["input_ids"]
+    assert decode_reply(demo_tokenizer, plain) == "Bonjour le monde."

@@ -84,7 +84,7 @@ def test_ratio_and_top_k_errors(qwen):
     stats = stats_with(skewed_counts())
     with pytest.raises(ValueError, match=r"pruning_ratio must be in \[0, 1\)"):
         make_plan(qwen, stats, 1.0)
-    with pytest.raises(ValueError, match=r"needs at least 2 \(top-k=2\).*--top_k"):
+    with pytest.raises(ValueError, match=r"needs at least 2 \(top-k=2\).*--pruning_top_k"):
         make_plan(qwen, stats, 0.85)
     plan = make_plan(qwen, stats, 0.85, top_k=1)
     assert plan.top_k == 1 and all(len(ids) >= 1 for ids in plan.kept_experts.values())

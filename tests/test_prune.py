@@ -209,3 +209,44 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lowered_top_k_reaches_layers_the_plan_does_not_list(tmp_path):
+    model = tiny_model("qwen3_moe")
+    prune_model(model, PrunePlan({0: [0, 1, 2, 3]}, top_k=1))
+    assert [layer.router.top_k for layer in find_moe(model).layers] == [1, 1, 1, 1]
+    expected = logits(model)
+    save_pruned_model(model, tmp_path / "pruned")
+    assert (logits(load_pruned_model(tmp_path / "pruned")) - expected).abs().max().item() <= 1e-6
+
+
+def test_a_plan_for_other_expert_counts_is_refused():
+    plan = PrunePlan({0: [0, 1]}, metadata={"num_experts": {"0": 6, "1": 6, "2": 6, "3": 6}})
+    with pytest.raises(ValueError, match="made for a model with other expert counts"):
+        plan.validate(find_moe(tiny_model("qwen3_moe")))
+
+
+def test_bfloat16_checkpoints_stay_bfloat16_and_both_paths_agree(tmp_path):
+    model = tiny_model("gpt_oss").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "original")
+    plan = uniform_plan(model)
+    prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype="auto")
+    prune_model(reloaded, plan)
+    save_pruned_model(reloaded, tmp_path / "memory")
+    disk, memory = (
+        load_file(tmp_path / "disk" / "model.safetensors"),
+        load_file(tmp_path / "memory" / "model.safetensors"),
+    )
+    assert disk.keys() == memory.keys()
+    assert all(disk[k].dtype == torch.bfloat16 and torch.equal(disk[k], memory[k]) for k in disk)
+
+
+def test_prune_checkpoint_copies_only_what_belongs_to_the_model(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "original")
+    (tmp_path / "original" / "pytorch_model.bin").write_bytes(b"stale full-size weights")
+    (tmp_path / "original" / "tokenizer_config.json").write_text("{}")
+    prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()

@@ -119,3 +119,9 @@ def test_statistics_of_a_retrained_checkpoint_are_refused():
     with pytest.raises(StatisticsMismatchError, match="other router weights"):
         stats.validate_for(find_moe(tiny_model("qwen3_moe", seed=1)))
     stats.validate_for(find_moe(tiny_model("qwen3_moe", seed=0)))
+
+
+def test_statistics_files_must_be_safetensors(tmp_path):
+    stats = collect(tiny_model("qwen3_moe"), BATCHES[:1])
+    with pytest.raises(ValueError, match="end in .safetensors"):
+        stats.save(tmp_path / "stats.json")

@@ -15,9 +15,10 @@ def test_points_grid_shares_the_baseline_and_seeds_random():
     args = SweepArguments(ratios="0,0.5,0.75", criteria="frequency,random", random_seeds=3, sft_at="0.75")
     points = sweep_points(args, "frequency", 0, "uniform")
     ids = [p.id for p in points]
-    assert ids[0] == "r0.000-frequency" and "r0.000-random-s0" not in ids  # one unpruned baseline
-    assert {"r0.500-random-s0", "r0.500-random-s1", "r0.500-random-s2"} <= set(ids)
-    assert "r0.750-frequency-sft" in ids and not any(i.startswith("r0.750-random") and i.endswith("sft") for i in ids)
+    assert ids[0] == "r0.000-frequency-uniform" and "r0.000-random-uniform-s0" not in ids  # one unpruned baseline
+    assert {"r0.500-random-uniform-s0", "r0.500-random-uniform-s1", "r0.500-random-uniform-s2"} <= set(ids)
+    assert "r0.750-frequency-uniform-sft" in ids
+    assert not any(i.startswith("r0.750-random") and i.endswith("sft") for i in ids)
     assert len(ids) == len(set(ids))
 
 
@@ -41,7 +42,7 @@ def test_methods_combine_criteria_and_allocations():
     assert ids == [
         "r0.000-frequency-coverage",
         "r0.500-frequency-coverage",
-        "r0.500-frequency",
+        "r0.500-frequency-uniform",
         "r0.500-random-global-s0",
         "r0.500-random-global-s1",
     ]
@@ -120,25 +121,25 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     run_sweep_cli(argv)
     points = sorted(p.name for p in (out / "points").iterdir())
     assert points == [
-        "r0.000-frequency",
-        "r0.500-frequency",
-        "r0.500-frequency-sft",
-        "r0.500-random-s0",
-        "r0.500-random-s1",
+        "r0.000-frequency-uniform",
+        "r0.500-frequency-uniform",
+        "r0.500-frequency-uniform-sft",
+        "r0.500-random-uniform-s0",
+        "r0.500-random-uniform-s1",
     ]
-    sft = json.loads((out / "points" / "r0.500-frequency-sft" / "result.json").read_text())
+    sft = json.loads((out / "points" / "r0.500-frequency-uniform-sft" / "result.json").read_text())
     assert sft["experts_per_layer"] == [4, 4, 4, 4] and sft["sft"] is True
-    pruned = json.loads((out / "points" / "r0.500-frequency" / "result.json").read_text())
+    pruned = json.loads((out / "points" / "r0.500-frequency-uniform" / "result.json").read_text())
     assert pruned["parameters"]["routed_experts"] == 4 * 4 * 3 * 64 * 24
     assert set(pruned["directions"]["en-fr"]) >= {"chrf++", "bleu", "chrf++_signature", "off_target_rate"}
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["pruning_ratio"], r["criterion"], r["sft"]) for r in rows} == {
-        ("0.0", "frequency", "False"),
-        ("0.0", "random", "False"),
-        ("0.5", "frequency", "False"),
-        ("0.5", "frequency", "True"),
-        ("0.5", "random", "False"),
+        ("0.0", "frequency@uniform", "False"),
+        ("0.0", "random@uniform", "False"),
+        ("0.5", "frequency@uniform", "False"),
+        ("0.5", "frequency@uniform", "True"),
+        ("0.5", "random@uniform", "False"),
     }
     summary = json.loads((out / "results.json").read_text())
     assert summary["eval"]["examples_per_direction"] == {"en-fr": 3}
@@ -147,15 +148,15 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     # one W&B run per point and a summary run; the SFT's own training run lives in its output directory
     assert len(list((out / "wandb").glob("offline-run-*"))) == 5 + 1
-    assert len(list((out / "points" / "r0.500-frequency-sft" / "sft" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((out / "points" / "r0.500-frequency-uniform-sft" / "sft" / "wandb").glob("offline-run-*"))) == 1
     # resume: finished points are kept, an interrupted one is redone from scratch
-    kept = (out / "points" / "r0.500-random-s0" / "result.json").stat().st_mtime_ns
-    (out / "points" / "r0.500-random-s1" / "result.json").unlink()
-    (out / "points" / "r0.500-random-s1" / "stale.tmp").write_text("half-written")
+    kept = (out / "points" / "r0.500-random-uniform-s0" / "result.json").stat().st_mtime_ns
+    (out / "points" / "r0.500-random-uniform-s1" / "result.json").unlink()
+    (out / "points" / "r0.500-random-uniform-s1" / "stale.tmp").write_text("half-written")
     run_sweep_cli([*argv[:-4], "--report_to", "none", "--heatmap_ratio", "0.5"])
-    assert (out / "points" / "r0.500-random-s0" / "result.json").stat().st_mtime_ns == kept
-    assert (out / "points" / "r0.500-random-s1" / "result.json").is_file()
-    assert not (out / "points" / "r0.500-random-s1" / "stale.tmp").exists()
+    assert (out / "points" / "r0.500-random-uniform-s0" / "result.json").stat().st_mtime_ns == kept
+    assert (out / "points" / "r0.500-random-uniform-s1" / "result.json").is_file()
+    assert not (out / "points" / "r0.500-random-uniform-s1" / "stale.tmp").exists()
     # another configuration must not reuse these points
     with pytest.raises(ValueError, match=r"another configuration \(max_eval_examples differ\)"):
         run_sweep_cli([*argv, "--max_eval_examples", "2"])

@@ -37,3 +37,13 @@ def test_sweep_definition(path):
     values = {f.name: getattr(obj, f.name) for obj in parsed for f in dataclasses.fields(obj)}
     for name, spec in sweep["parameters"].items():
         assert values[name] == spec["values"][-1]
+
+
+def test_each_grid_point_of_a_wandb_sweep_gets_its_own_output_dir():
+    from moe_specialist.configs import PruningArguments
+    from moe_specialist.training.pipeline import sweep_point_dir
+
+    a = sweep_point_dir("outputs/x", PruningArguments(pruning_ratio=0.5, pruning_criterion="frequency"), 42)
+    b = sweep_point_dir("outputs/x", PruningArguments(pruning_ratio=0.75, pruning_criterion="frequency"), 42)
+    c = sweep_point_dir("outputs/x", PruningArguments(pruning_ratio=0.75, pruning_criterion="reap"), 42)
+    assert len({a, b, c}) == 3 and a == "outputs/x/frequency-uniform-r0.5-s42"

@@ -34,13 +34,12 @@ from moe_specialist.evaluate import average_scores, score_direction
 from moe_specialist.generation import generate_texts
 from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import summarize_moe
-from moe_specialist.plan import PrunePlan, plan_for
+from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
 from moe_specialist.prune import PruneReport, prune_model
 from moe_specialist.stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE = "prune_plan.json"
 RANK_RECORDS_DIR = "ranks"
 
 

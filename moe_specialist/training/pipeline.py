@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -38,16 +39,16 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from moe_specialist import __version__
 from moe_specialist.architectures import find_moe, text_config
-from moe_specialist.configs import CalibrationArguments, PruningArguments
+from moe_specialist.configs import CalibrationArguments, PruningArguments, check_calibration_data
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.data.sources import load_examples
 from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import pruned_model_card
 from moe_specialist.models import load_model_and_tokenizer
+from moe_specialist.plan import PLAN_FILE
 from moe_specialist.prune import save_pruned_model
 from moe_specialist.stats import RoutingStats
 from moe_specialist.training.callbacks import (
-    PLAN_FILE,
     PruningCallback,
     RunContext,
     TranslationEvalCallback,
@@ -116,6 +117,27 @@ def resolve_checkpoint(training_args) -> str | None:
     if not Path(value).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {value}.")
     return str(value)
+
+
+# What a run leaves in output_dir; an overwrite removes them first, so that nothing stale is read back (a resume
+# would otherwise find the old run's checkpoints, and results of a run without translation_eval the old translations).
+RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", "trainer_state.json")
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    for path in [*output_dir.glob("checkpoint-*"), *(output_dir / name for name in RUN_ARTEFACTS)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def sweep_point_dir(output_dir: str, pruning_args: PruningArguments, seed: int) -> str:
+    """W&B sweep agents launch every grid point with the same recipe: each point gets its own directory."""
+    name = (
+        f"{pruning_args.pruning_criterion}-{pruning_args.pruning_allocation}-r{pruning_args.pruning_ratio:g}-s{seed}"
+    )
+    return str(Path(output_dir) / name)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
@@ -392,11 +414,17 @@ def run(
     start = time.time()
     state = PartialState()
     validate_arguments(model_args, training_args)
+    check_calibration_data(calibration_args, data_args.eval_dataset_name, data_args.eval_split)
+    if os.environ.get("WANDB_SWEEP_ID"):
+        training_args.output_dir = sweep_point_dir(training_args.output_dir, pruning_args, training_args.seed)
+        training_args.run_name = training_args.run_name or Path(training_args.output_dir).name
     output_dir = Path(training_args.output_dir)
     checkpoint = resolve_checkpoint(training_args)
     check_output_dir(output_dir, training_args.overwrite_output_dir, checkpoint is not None)
     state.wait_for_everyone()  # every rank checked before rank 0 writes anything there
     if state.is_main_process:
+        if training_args.overwrite_output_dir and checkpoint is None:
+            clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None and (output_dir / PLAN_FILE).is_file() and not pruning_args.prune_plan:
         # the checkpoint holds the pruned architecture: replay its plan rather than re-planning
@@ -499,7 +527,7 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
     )
     extra_files = {"README.md": model_card(model_args, pruning, sft_section)}
     if pruned:
-        extra_files["prune_plan.json"] = json.dumps(pruning.plan.to_dict(), indent=2) + "\n"
+        extra_files[PLAN_FILE] = json.dumps(pruning.plan.to_dict(), indent=2) + "\n"
     with timer("save"):
         save_final_model(trainer, tokenizer, output_dir / MODEL_DIR, extra_files, output_router_logits)
 
