@@ -32,7 +32,7 @@ from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import format_prompt, translation_instruction
 from moe_specialist.demo.tokenizer import END_OF_TEXT, END_OF_TURN, train_tokenizer
 from moe_specialist.generation import translate
-from moe_specialist.io import atomic_torch_save, atomic_write_json
+from moe_specialist.io import atomic_torch_save, atomic_write_json, staging_dir
 from moe_specialist.metrics import score_translations
 
 logger = logging.getLogger("moe_specialist.demo")
@@ -261,12 +261,9 @@ def dev_scores(model, tokenizer, limit: int) -> dict:
 
 
 def save_final(model, tokenizer, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; remove it to write a new final model.")
-    os.replace(tmp, path)
+    with staging_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def main(args: GeneralistArguments) -> None:

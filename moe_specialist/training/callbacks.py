@@ -403,8 +403,8 @@ class TranslationEvalCallback(TrainerCallback):
         wandb.log({"mt_samples": table, "train/global_step": step})
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.on_start:
-            self.evaluate("start")
+        if self.on_start:  # a resumed run scores its checkpoint, which is not the prune-only model
+            self.evaluate("start" if state.global_step == 0 else "resume")
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.evaluate("eval")
