@@ -7,7 +7,7 @@
     moe-specialist evaluate  --model DIR|demo --data bible --pairs en-fr,de-en --split test --output scores.json
     moe-specialist sweep     --config RECIPE --ratios 0,0.25,0.5 [--criteria frequency,reap] [--sft_at 0.75]
 
-Every command also takes ``--config FILE.yaml`` (values there are defaults that flags override).
+Every command but ``inspect`` also takes ``--config FILE.yaml`` (values there are defaults that flags override).
 """
 
 from __future__ import annotations
