@@ -250,3 +250,15 @@ def test_prune_checkpoint_copies_only_what_belongs_to_the_model(tmp_path):
     prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+
+
+def test_routers_with_extra_rows_are_refused():
+    """Inkling / Zaya / Longcat-style routers score sentinel or 'zero' experts beyond the real ones."""
+    from torch import nn
+
+    from moe_specialist.architectures import UnsupportedArchitectureError
+
+    model = tiny_model("qwen3_moe")
+    model.model.layers[0].mlp.gate.weight = nn.Parameter(torch.zeros(9, 64))
+    with pytest.raises(UnsupportedArchitectureError, match="has 9 rows for 8 experts"):
+        find_moe(model)
