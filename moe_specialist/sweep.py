@@ -279,27 +279,47 @@ def write_outputs(run_dir: Path, results: list[dict], rows: list[dict], metadata
         writer.writerow({**row, "experts_per_layer": " ".join(map(str, row["experts_per_layer"]))})
     atomic_write_text(buffer.getvalue(), run_dir / "results.csv")
     atomic_write_json({**metadata, "table": rows, "points": results}, run_dir / "results.json")
+    evaluation = metadata["eval"]
+    notes = [
+        f"chrF++ on {evaluation['dataset']} {evaluation['split']} ({evaluation['examples_per_direction']} "
+        f"segments), greedy, max_new_tokens={evaluation['decoding']['max_new_tokens']}; in parentheses the share of "
+        "the unpruned score; random: mean [min-max] over seeds.",
+        *(f"{d}: `{s['chrf++_signature']}`" for d, s in metadata["signatures"].items()),
+    ]
+    atomic_write_text(format_table(rows, markdown=True) + "\n\n" + "\n\n".join(notes) + "\n", run_dir / "results.md")
 
 
-def format_table(rows: list[dict]) -> str:
-    criteria = sorted({r["criterion"] for r in rows})
-    ratios = sorted({r["pruning_ratio"] for r in rows})
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    text = f"{row['chrf++']:.2f}"
+    if row.get("relative_chrf"):
+        text += f" ({row['relative_chrf']:.0%})"
+    if "chrf++_min" in row:
+        text += f" [{row['chrf++_min']:.1f}-{row['chrf++_max']:.1f}]"
+    return text
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """chrF++ (share of the unpruned score) per ratio x method, prune-only and +SFT; random: mean [min-max]."""
+    methods = sorted({r["criterion"] for r in rows})
     lookup = {(r["pruning_ratio"], r["criterion"], r["sft"]): r for r in rows}
-    header = f"{'ratio':>6} | " + " | ".join(f"{c:>16}" for c in criteria)
-    lines = [header, "-" * len(header)]
-    for ratio in ratios:
+    lines = []
+    for ratio in sorted({r["pruning_ratio"] for r in rows}):
         for sft in (False, True):
-            cells = []
-            for c in criteria:
-                r = lookup.get((ratio, c, sft))
-                cells.append(
-                    f"{r['chrf++']:6.2f} ({r['relative_chrf']:.0%})"
-                    if r and r["relative_chrf"]
-                    else (f"{r['chrf++']:6.2f}" if r else "")
-                )
+            cells = [_cell(lookup.get((ratio, m, sft))) for m in methods]
             if any(cells):
-                lines.append(f"{ratio:6.3f}{'+SFT' if sft else '    '}| " + " | ".join(f"{c:>16}" for c in cells))
-    return "\n".join(lines)
+                lines.append([f"{ratio:.3f}{' + SFT' if sft else ''}", *cells])
+    header = ["pruned", *methods]
+    if markdown:
+        table = [header, ["---"] * len(header), *lines]
+        return "\n".join("| " + " | ".join(row) + " |" for row in table)
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        return " | ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+
+    return "\n".join([render(header), "-" * len(render(header)), *(render(row) for row in lines)])
 
 
 def heatmap(sweep: Sweep, results: list[dict], ratio: float, path: Path) -> None:

@@ -83,7 +83,7 @@ def test_table_averages_random_seeds_and_relates_to_the_baseline():
     # the unpruned point starts every criterion's curve
     assert {r["criterion"] for r in rows if r["pruning_ratio"] == 0} == {"frequency", "random"}
     text = format_table(rows)
-    assert "0.500+SFT" in text and "41.00 (102%)" in text
+    assert "0.500 + SFT" in text and "41.00 (102%)" in text
     json.dumps(rows)
 
 
@@ -144,6 +144,9 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     summary = json.loads((out / "results.json").read_text())
     assert summary["eval"]["examples_per_direction"] == {"en-fr": 3}
     assert len(summary["points"]) == 5
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("| pruned | frequency@uniform | random@uniform |")
+    assert "| 0.500 + SFT |" in markdown and "nrefs:3|" in markdown
     for plot in ("chrf_vs_ratio.png", "expert_usage.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     # one W&B run per point and a summary run; the SFT's own training run lives in its output directory
