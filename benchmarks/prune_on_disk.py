@@ -24,9 +24,19 @@ def build_checkpoint(path: Path, size_gb: float) -> dict:
     hidden, width, experts, layers = 1024, 512, 64, 1
     per_layer = experts * 3 * hidden * width * 2  # bytes in bf16
     layers = max(1, round(size_gb * 2**30 / per_layer))
-    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=2048, moe_intermediate_size=width,
-                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                            num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True)
+    config = Qwen3MoeConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=2048,
+        moe_intermediate_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+    )
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="500MB")
@@ -56,11 +66,15 @@ def main() -> None:
     plan = {"kept_experts": {str(i): list(range(0, info["experts"], 2)) for i in range(info["layers"])}}
     (work / "plan.json").write_text(json.dumps(plan))
     copy = timed(["cp", "-r", str(work / "model"), str(work / "copy")])
-    prune = timed([sys.executable, "-m", "moe_specialist.cli", "prune", "--model", str(work / "model"), "--plan",
-                   str(work / "plan.json"), "--output", str(work / "pruned"), "--mode", "disk"])
+    prune = timed(
+        [sys.executable, "-m", "moe_specialist.cli", "prune", "--model", str(work / "model")]
+        + ["--plan", str(work / "plan.json"), "--output", str(work / "pruned"), "--mode", "disk"]
+    )
     pruned = sum(f.stat().st_size for f in (work / "pruned").glob("*.safetensors"))
-    print(json.dumps({"checkpoint_gb": round(size / 2**30, 2), "shards": len(list((work / "model").glob("*.safetensors"))),
-                      **info, "copy": copy, "prune_on_disk": prune, "pruned_gb": round(pruned / 2**30, 2)}, indent=1))
+    shards = len(list((work / "model").glob("*.safetensors")))
+    report = {"checkpoint_gb": round(size / 2**30, 2), "shards": shards, **info, "copy": copy}
+    report.update(prune_on_disk=prune, pruned_gb=round(pruned / 2**30, 2))
+    print(json.dumps(report, indent=1))
     shutil.rmtree(work)
 
 

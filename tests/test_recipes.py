@@ -111,6 +111,12 @@ def test_readme_indexes_every_recipe_with_its_accelerate_config():
             assert launch in configs  # the recipe's header and the index agree
 
 
+def test_fsdp_launch_without_gpu_is_refused_not_silently_ddp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP launch without a GPU.*cpu/zero3.yaml"):
+        parse("--config", str(TINY))
+
+
 def test_cli_flags_override_yaml_which_overrides_defaults():
     model, data, calibration, pruning, training = parse(
         "--config", str(TINY), "--pruning_ratio", "0.75", "--learning_rate", "0.5", "--callbacks", "expert_pruning"

@@ -118,6 +118,11 @@ class SFTConfig(trl.SFTConfig):
     freeze_router: bool = field(default=False, metadata={"help": "Keep the routers fixed (train everything else)."})
 
     def __post_init__(self):
+        if not _accelerator_visible() and _fsdp_launch():
+            raise ValueError(
+                "An FSDP launch without a GPU: accelerate runs FSDP on GPUs only and would silently fall back to "
+                "DDP. On CPU use accelerate_configs/cpu/zero3.yaml (DeepSpeed ZeRO-3 shards the same way)."
+            )
         if not _accelerator_visible():
             if self.use_cpu is None:
                 self.use_cpu = not _deepspeed_launch()
@@ -163,6 +168,10 @@ def _distributed_launch() -> bool:
 
 def _deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def _fsdp_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 RECIPE_TYPES = (ModelConfig, DataArguments, CalibrationArguments, PruningArguments, SFTConfig)
