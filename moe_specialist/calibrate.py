@@ -47,7 +47,7 @@ def encode_calibration_data(
     return sequences
 
 
-def _batches(sequences, batch_size: int, pad_id: int):
+def calibration_batches(sequences, batch_size: int, pad_id: int):
     """Right-padded batches of similar lengths; padding is labelled IGNORE."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][1]))
     for start in range(0, len(order), batch_size):
@@ -95,7 +95,7 @@ def calibrate(
         **(metadata or {}).get("data", {}),
     }
     with RoutingCollector(moe, groups, {**(metadata or {}), "data": data}) as collector:
-        batches = list(_batches(shard, batch_size, pad_id))
+        batches = list(calibration_batches(shard, batch_size, pad_id))
         for input_ids, attention, group_ids, role_ids in tqdm(batches, desc="calibrate", disable=not progress):
             collector.label(group_ids.to(device), role_ids.to(device))
             model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)

@@ -47,7 +47,10 @@ class PruningArguments:
         default="frequency",
         metadata={"help": "frequency | gate_mass | reap | output_mass | language_aware | random"},
     )
-    pruning_allocation: str = field(default="uniform", metadata={"help": "uniform | global | coverage"})
+    pruning_allocation: str = field(
+        default="uniform",
+        metadata={"help": "uniform | global | coverage | sensitivity (measured per-layer loss; needs the model)"},
+    )
     pruning_groups: str | None = field(
         default=None,
         metadata={"help": "Statistics groups to score with (default: every calibrated direction, not monolingual)."},
@@ -58,6 +61,9 @@ class PruningArguments:
     )
     pruning_seed: int = field(default=0, metadata={"help": "Seed of the random criterion."})
     prune_plan: str | None = field(default=None, metadata={"help": "A plan JSON to replay instead of planning."})
+    sensitivity_examples: int = field(
+        default=64, metadata={"help": "Calibration sequences the sensitivity allocation measures each layer on."}
+    )
 
     def __post_init__(self):
         from moe_specialist.plan import ALLOCATIONS, CRITERIA, validate_ratio
@@ -76,6 +82,8 @@ class PruningArguments:
             raise ValueError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
         if self.pruning_top_k is not None and self.pruning_top_k < 1:
             raise ValueError(f"pruning_top_k must be a positive integer, got {self.pruning_top_k}.")
+        if self.sensitivity_examples < 1:
+            raise ValueError(f"sensitivity_examples must be positive, got {self.sensitivity_examples}.")
 
 
 @dataclass

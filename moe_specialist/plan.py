@@ -107,6 +107,7 @@ class Budget:
     min_keep: int  # per layer: top-k (or the lowered top-k)
     n_group: int = 1
     min_per_group: int = 1
+    layer_costs: torch.Tensor | None = None  # [layer, count]: loss increase when the layer alone keeps ``count``
 
 
 def _shares(scores: torch.Tensor) -> torch.Tensor:
@@ -167,10 +168,47 @@ def allocate_coverage(scores: torch.Tensor, budget: Budget) -> list[int]:
     return _greedy_fill(shares, counts_at(low), budget)
 
 
+def allocate_sensitivity(scores: torch.Tensor, budget: Budget) -> list[int]:
+    """The counts that minimise the summed per-layer loss increases (``budget.layer_costs``) within the budget.
+
+    Exact dynamic programming over layers and kept totals; layer costs are treated as additive.
+    """
+    if budget.layer_costs is None:
+        raise ValueError(
+            "The sensitivity allocation needs measured layer costs (moe_specialist.sensitivity): it runs where the "
+            "model and calibration data are at hand (`moe-specialist sweep`, `moe_specialist.train`), not from a "
+            "statistics file alone."
+        )
+    costs = budget.layer_costs.double()
+    size = budget.keep_total + 1
+    best = torch.full((size,), math.inf, dtype=torch.float64)  # best[t]: least cost of the layers so far keeping t
+    best[0] = 0.0
+    choices = []
+    for position, n in enumerate(budget.num_experts):
+        step = torch.full((size,), math.inf, dtype=torch.float64)
+        choice = torch.zeros(size, dtype=torch.long)
+        for count in range(min(budget.min_keep, n), min(n, budget.keep_total) + 1):
+            candidate = torch.full((size,), math.inf, dtype=torch.float64)
+            candidate[count:] = best[: size - count] + float(costs[position, count])
+            better = candidate < step
+            step = torch.where(better, candidate, step)
+            choice = torch.where(better, torch.full_like(choice, count), choice)
+        best = step
+        choices.append(choice)
+    reachable = torch.isfinite(best).nonzero().flatten()
+    kept = int(reachable.max())  # the whole budget when it can be met exactly
+    counts = []
+    for choice in reversed(choices):
+        counts.append(int(choice[kept]))
+        kept -= counts[-1]
+    return counts[::-1]
+
+
 ALLOCATIONS: dict[str, Callable[[torch.Tensor, Budget], list[int]]] = {
     "uniform": allocate_uniform,
     "global": allocate_global,
     "coverage": allocate_coverage,
+    "sensitivity": allocate_sensitivity,
 }
 
 
@@ -284,8 +322,13 @@ def make_plan(
     roles: list[str] | None = None,
     top_k: int | None = None,
     seed: int = 0,
+    layer_costs: torch.Tensor | None = None,
 ) -> PrunePlan:
-    """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``."""
+    """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``.
+
+    ``layer_costs`` (from :func:`moe_specialist.sensitivity.layer_costs`) is what the ``sensitivity`` allocation
+    minimises.
+    """
     validate_ratio(ratio)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
@@ -295,12 +338,7 @@ def make_plan(
     groups = groups or stats.direction_groups()
     scores = score_experts(stats, criterion, groups, roles, seed)
     num_experts = stats.num_experts
-    min_keep = top_k or moe.top_k
-    min_per_group = 1
-    if moe.n_group > 1:
-        _, topk_group = _topk_group(moe)
-        min_per_group = max(2, math.ceil(min_keep / topk_group))
-        min_keep = max(min_keep, min_per_group * moe.n_group)
+    min_keep, min_per_group = keep_rules(moe, top_k)
     total = sum(num_experts)
     keep_total = round(total * (1 - ratio))
     if keep_total < min_keep * len(num_experts):
@@ -310,11 +348,11 @@ def make_plan(
             f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
             "lower top-k explicitly (--pruning_top_k)."
         )
-    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group)
+    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group, layer_costs)
     counts = ALLOCATIONS[allocation](scores, budget)
     kept = {}
     for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=False)):
-        kept[layer] = _select(scores[position, :n], count, budget)
+        kept[layer] = select_experts(scores[position, :n], count, budget)
     kept_total = sum(len(ids) for ids in kept.values())
     plan = PrunePlan(
         kept,
@@ -330,11 +368,23 @@ def make_plan(
             "model": stats.metadata.get("model"),
             "config_hash": stats.metadata.get("config_hash"),
             "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=False)},
+            **({"layer_costs": layer_costs.round(decimals=5).tolist()} if allocation == "sensitivity" else {}),
             "created_by": f"moe-specialist {__version__}",
         },
     )
     plan.validate(moe)
     return plan
+
+
+def keep_rules(moe: MoEModel, top_k: int | None = None) -> tuple[int, int]:
+    """The fewest experts a layer may keep (top-k, or what group-limited routing needs) and per group."""
+    min_keep = top_k or moe.top_k
+    min_per_group = 1
+    if moe.n_group > 1:
+        _, topk_group = _topk_group(moe)
+        min_per_group = max(2, math.ceil(min_keep / topk_group))
+        min_keep = max(min_keep, min_per_group * moe.n_group)
+    return min_keep, min_per_group
 
 
 def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
@@ -347,7 +397,7 @@ def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
     return None, moe.n_group
 
 
-def _select(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
+def select_experts(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
     """The ``count`` best experts of a layer; with group-limited routing, the same number in every group."""
     if budget.n_group <= 1:
         return sorted(scores.topk(count).indices.tolist())
@@ -361,7 +411,9 @@ def _select(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
     return sorted(kept)
 
 
-def plan_for(moe: MoEModel, stats: RoutingStats | None, args: PruningArguments) -> PrunePlan:
+def plan_for(
+    moe: MoEModel, stats: RoutingStats | None, args: PruningArguments, layer_costs: torch.Tensor | None = None
+) -> PrunePlan:
     """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation."""
     if args.prune_plan:
         plan = PrunePlan.load(args.prune_plan)
@@ -379,4 +431,5 @@ def plan_for(moe: MoEModel, stats: RoutingStats | None, args: PruningArguments) 
         roles=split_list(args.pruning_roles),
         top_k=args.pruning_top_k,
         seed=args.pruning_seed,
+        layer_costs=layer_costs,
     )

@@ -35,6 +35,7 @@ from moe_specialist.architectures import (
     PER_LAYER_COUNT_KEY,
     TOP_K_ATTRIBUTES,
     TOP_K_FIELDS,
+    MoELayer,
     MoEModel,
     UnsupportedArchitectureError,
     find_moe,
@@ -114,6 +115,22 @@ def update_config(config, experts_per_layer: dict[int, int], top_k: int | None) 
                 setattr(config, name, top_k)
 
 
+def layer_modules(layer: MoELayer) -> list[nn.Module]:
+    """The modules of a layer that may cache its expert count or top-k."""
+    return [layer.block, layer.experts, *layer.router.modules()]
+
+
+@torch.no_grad()
+def slice_layer(layer: MoELayer, ids: list[int]) -> None:
+    """Keep only experts ``ids`` of one layer: every per-expert tensor and the counts its modules cache."""
+    keep = torch.tensor(ids, dtype=torch.long)
+    for t in layer.tensors:
+        sliced = t.tensor.index_select(t.dim, keep.to(t.tensor.device)).clone()
+        _replace_tensor(t.module, t.name, sliced)
+    _set_counts(layer_modules(layer), layer.num_experts, len(ids), COUNT_ATTRIBUTES)
+    layer.num_experts = len(ids)
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) -> PruneReport:
     """Prune ``model`` in place following ``plan``; shared experts and dense layers are untouched."""
@@ -124,18 +141,12 @@ def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) 
     top_k_before = moe.top_k
     new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != moe.top_k else None
     for layer in moe.layers:
-        touched = [layer.block, layer.experts, *layer.router.modules()]
         if new_top_k is not None:  # every MoE layer, listed in the plan or not: the config's top-k is global
-            _set_counts(touched, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
+            _set_counts(layer_modules(layer), moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
         ids = plan.kept_experts.get(layer.layer_index)
         if ids is None or len(ids) == layer.num_experts:
             continue
-        keep = torch.tensor(ids, dtype=torch.long)
-        for t in layer.tensors:
-            sliced = t.tensor.index_select(t.dim, keep.to(t.tensor.device)).clone()
-            _replace_tensor(t.module, t.name, sliced)
-        _set_counts(touched, layer.num_experts, len(ids), COUNT_ATTRIBUTES)
-        layer.num_experts = len(ids)
+        slice_layer(layer, ids)
     after = {layer.layer_index: layer.num_experts for layer in moe.layers}
     original = max(before.values())
     update_config(model.config, after, new_top_k)

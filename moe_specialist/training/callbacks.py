@@ -196,7 +196,15 @@ class PruningCallback(TrainerCallback):
         stats = self.stats
         if stats is None and not self.pruning_args.prune_plan:
             stats = self._calibrate(model, device, state)
-        plan = plan_for(moe, stats, self.pruning_args)
+        costs = None
+        if self.pruning_args.pruning_allocation == "sensitivity" and not self.pruning_args.prune_plan:
+            from moe_specialist.sensitivity import layer_costs_for
+
+            costs = layer_costs_for(
+                model, moe, self.tokenizer, stats, self.calibration_args, self.pruning_args,
+                progress=state.is_main_process,
+            )  # fmt: skip
+        plan = plan_for(moe, stats, self.pruning_args, costs)
         if self.calibration_args.statistics_file and not self.pruning_args.prune_plan:
             plan.metadata.setdefault("statistics", self.calibration_args.statistics_file)
         if state.num_processes > 1:  # one plan for all ranks, whatever floating-point noise the reductions had

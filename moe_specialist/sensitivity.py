@@ -1,0 +1,139 @@
+"""Layer sensitivity: how much the calibration loss rises when one MoE layer alone keeps only its best experts.
+
+Routing statistics rank the experts of a layer; they do not say how much a layer can lose. On the demo generalist
+the first layer's routing looks like the others' (balanced, shared by every language), yet keeping its best 16 of
+32 experts drops dev chrF++ from 38 to 14, while layers 1-3 each lose under 2 points keeping 8. The ``sensitivity``
+allocation measures this directly: for each layer and a grid of counts, the mean loss on the calibration targets
+with only that layer pruned (by the criterion's ranking), then spends the budget where it costs least.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from moe_specialist.architectures import COUNT_ATTRIBUTES, MoELayer, MoEModel
+from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
+from moe_specialist.configs import CalibrationArguments, PruningArguments, split_list
+from moe_specialist.plan import Budget, keep_rules, score_experts, select_experts
+from moe_specialist.prune import layer_modules, slice_layer
+from moe_specialist.stats import IGNORE, ROLES, RoutingStats
+
+logger = logging.getLogger(__name__)
+
+GRID_STEPS = 8  # counts measured per layer: multiples of num_experts / GRID_STEPS, plus the minimum
+
+
+@contextmanager
+def keeping_only(layer: MoELayer, ids: list[int]):
+    """Prune one layer to ``ids`` for the duration of the block, then put back the very same tensors and counts."""
+    tensors = [(t.module, t.name, t.tensor) for t in layer.tensors]
+    counts = [(m, a, getattr(m, a)) for m in layer_modules(layer) for a in COUNT_ATTRIBUTES if hasattr(m, a)]
+    num_experts = layer.num_experts
+    slice_layer(layer, ids)
+    try:
+        yield
+    finally:
+        for module, name, tensor in tensors:
+            (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+        for module, attribute, value in counts:
+            if getattr(module, attribute) != value:
+                setattr(module, attribute, value)
+        layer.num_experts = num_experts
+
+
+@torch.no_grad()
+def target_loss(model, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    """Mean next-token loss on the target-role tokens (translations, general text) of calibration batches."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for input_ids, attention, _, role_ids in batches:
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        labels = torch.where(role_ids == ROLES.index("target"), input_ids, IGNORE)[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(loss)
+        tokens += int((labels != IGNORE).sum())
+    if tokens == 0:
+        raise ValueError("The calibration data has no target tokens to measure layer sensitivity on.")
+    return total / tokens
+
+
+def grid_counts(num_experts: int, min_keep: int) -> list[int]:
+    """The counts measured for a layer: ``min_keep`` and the multiples of ``num_experts / GRID_STEPS`` above it."""
+    counts = {min_keep} | {round(num_experts * i / GRID_STEPS) for i in range(1, GRID_STEPS)}
+    return sorted(c for c in counts if min_keep <= c < num_experts)
+
+
+def layer_costs(
+    model, moe: MoEModel, batches: list, scores: torch.Tensor, budget: Budget, progress: bool = True
+) -> torch.Tensor:
+    """``[layer, count]``: loss increase when only that layer keeps its ``count`` best experts (``scores``).
+
+    Counts between measured ones are interpolated linearly; keeping every expert costs 0; counts below the
+    minimum are infinite.
+    """
+    was_training = model.training
+    model.eval()
+    base = target_loss(model, batches)
+    costs = torch.full((len(moe.layers), max(budget.num_experts) + 1), math.inf, dtype=torch.float64)
+    jobs = [
+        (position, count)
+        for position, n in enumerate(budget.num_experts)
+        for count in grid_counts(n, min(budget.min_keep, n))
+    ]
+    measured: dict[int, dict[int, float]] = {p: {n: 0.0} for p, n in enumerate(budget.num_experts)}
+    for position, count in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+        layer, n = moe.layers[position], budget.num_experts[position]
+        with keeping_only(layer, select_experts(scores[position, :n], count, budget)):
+            measured[position][count] = target_loss(model, batches) - base
+    model.train(was_training)
+    for position, points in measured.items():
+        xs = sorted(points)
+        values = torch.tensor([points[x] for x in xs], dtype=torch.float64)
+        for count in range(xs[0], xs[-1] + 1):
+            right = next(i for i, x in enumerate(xs) if x >= count)
+            if xs[right] == count:
+                costs[position, count] = values[right]
+            else:
+                left = right - 1
+                weight = (count - xs[left]) / (xs[right] - xs[left])
+                costs[position, count] = (1 - weight) * values[left] + weight * values[right]
+    logger.info(
+        "Layer sensitivity (loss increase, base %.4f): %s",
+        base,
+        {moe.layers[p].layer_index: {c: round(v, 4) for c, v in sorted(pts.items())} for p, pts in measured.items()},
+    )
+    return costs
+
+
+def layer_costs_for(
+    model,
+    moe: MoEModel,
+    tokenizer,
+    stats: RoutingStats,
+    calibration: CalibrationArguments,
+    pruning: PruningArguments,
+    criterion: str | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Layer costs on the recipe's calibration data, ranking experts as the plan will (criterion, groups, roles)."""
+    criterion = criterion or pruning.pruning_criterion
+    seed = pruning.pruning_seed if seed is None else seed
+    groups = split_list(pruning.pruning_groups) or stats.direction_groups()
+    scores = score_experts(stats, criterion, groups, split_list(pruning.pruning_roles), seed)
+    min_keep, min_per_group = keep_rules(moe, pruning.pruning_top_k)
+    budget = Budget(stats.num_experts, sum(stats.num_experts), min_keep, moe.n_group, min_per_group)
+    examples, general = calibration_data(calibration)
+    sequences = encode_calibration_data(tokenizer, examples, general, calibration.calibration_max_length)
+    every = max(1, len(sequences) // pruning.sensitivity_examples)  # spread over every direction and group
+    sequences = sequences[::every][: pruning.sensitivity_examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = list(calibration_batches(sequences, calibration.calibration_batch_size, pad_id))
+    return layer_costs(model, moe, batches, scores, budget, progress)
