@@ -368,12 +368,17 @@ def make_plan(
             "model": stats.metadata.get("model"),
             "config_hash": stats.metadata.get("config_hash"),
             "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=False)},
-            **({"layer_costs": layer_costs.round(decimals=5).tolist()} if allocation == "sensitivity" else {}),
+            **({"layer_costs": _json_costs(layer_costs)} if allocation == "sensitivity" else {}),
             "created_by": f"moe-specialist {__version__}",
         },
     )
     plan.validate(moe)
     return plan
+
+
+def _json_costs(costs: torch.Tensor) -> list[list[float | None]]:
+    """Layer costs for the plan file: strict JSON, ``null`` where a count is not allowed."""
+    return [[None if math.isinf(v) else round(v, 5) for v in row] for row in costs.tolist()]
 
 
 def keep_rules(moe: MoEModel, top_k: int | None = None) -> tuple[int, int]:

@@ -257,6 +257,18 @@ def test_statistics_from_the_caller_are_used(tiny_translator, tmp_path):
     assert results["pruning"]["criterion"] == "gate_mass"
 
 
+def test_the_sensitivity_allocation_measures_layers_in_the_callback(tiny_translator, tmp_path):
+    flags = ("--pruning_allocation", "sensitivity", "--sensitivity_examples", "4", "--max_steps", "0")
+    results = run(*recipe(tiny_translator, tmp_path / "sensitivity", *flags))
+    plan = json.loads((tmp_path / "sensitivity" / "prune_plan.json").read_text())
+    costs = plan["layer_costs"]
+    assert len(costs) == 4 and all(row[8] == 0 and row[1] is None and row[2] is not None for row in costs)
+    counts = [len(ids) for ids in plan["kept_experts"].values()]
+    assert sum(counts) == 16 and results["pruning"]["experts_after"] == {str(i): c for i, c in enumerate(counts)}
+    chosen = sum(costs[i][c] for i, c in enumerate(counts))
+    assert chosen <= sum(row[4] for row in costs) + 1e-9  # no worse than the uniform split the costs also price
+
+
 def test_without_the_pruning_callback_nothing_is_pruned(tiny_translator, tmp_path):
     results = run(
         *recipe(tiny_translator, tmp_path / "unpruned", "--max_steps", "0", "--callbacks", "translation_eval")
