@@ -110,6 +110,10 @@ class Budget:
     layer_costs: torch.Tensor | None = None  # [layer, count]: loss increase when the layer alone keeps ``count``
 
 
+# Measures ``Budget.layer_costs`` for experts ranked by the given scores (see moe_specialist.sensitivity).
+LayerCosts = Callable[[torch.Tensor, Budget], torch.Tensor]
+
+
 def _shares(scores: torch.Tensor) -> torch.Tensor:
     """Per-layer normalised scores (non-negative, summing to 1 over a layer's experts)."""
     finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
@@ -322,12 +326,12 @@ def make_plan(
     roles: list[str] | None = None,
     top_k: int | None = None,
     seed: int = 0,
-    layer_costs: torch.Tensor | None = None,
+    measure_layer_costs: LayerCosts | None = None,
 ) -> PrunePlan:
     """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``.
 
-    ``layer_costs`` (from :func:`moe_specialist.sensitivity.layer_costs`) is what the ``sensitivity`` allocation
-    minimises.
+    ``measure_layer_costs`` (:func:`moe_specialist.sensitivity.layer_cost_meter`) gives the costs the
+    ``sensitivity`` allocation minimises; the other allocations never call it.
     """
     validate_ratio(ratio)
     if allocation not in ALLOCATIONS:
@@ -338,7 +342,12 @@ def make_plan(
     groups = groups or stats.direction_groups()
     scores = score_experts(stats, criterion, groups, roles, seed)
     num_experts = stats.num_experts
-    min_keep, min_per_group = keep_rules(moe, top_k)
+    min_keep = top_k or moe.top_k
+    min_per_group = 1
+    if moe.n_group > 1:
+        _, topk_group = _topk_group(moe)
+        min_per_group = max(2, math.ceil(min_keep / topk_group))
+        min_keep = max(min_keep, min_per_group * moe.n_group)
     total = sum(num_experts)
     keep_total = round(total * (1 - ratio))
     if keep_total < min_keep * len(num_experts):
@@ -348,7 +357,9 @@ def make_plan(
             f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
             "lower top-k explicitly (--pruning_top_k)."
         )
-    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group, layer_costs)
+    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group)
+    if allocation == "sensitivity" and measure_layer_costs is not None:
+        budget.layer_costs = measure_layer_costs(scores, budget)
     counts = ALLOCATIONS[allocation](scores, budget)
     kept = {}
     for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=False)):
@@ -368,7 +379,7 @@ def make_plan(
             "model": stats.metadata.get("model"),
             "config_hash": stats.metadata.get("config_hash"),
             "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=False)},
-            **({"layer_costs": _json_costs(layer_costs)} if allocation == "sensitivity" else {}),
+            **({"layer_costs": _json_costs(budget.layer_costs)} if budget.layer_costs is not None else {}),
             "created_by": f"moe-specialist {__version__}",
         },
     )
@@ -379,17 +390,6 @@ def make_plan(
 def _json_costs(costs: torch.Tensor) -> list[list[float | None]]:
     """Layer costs for the plan file: strict JSON, ``null`` where a count is not allowed."""
     return [[None if math.isinf(v) else round(v, 5) for v in row] for row in costs.tolist()]
-
-
-def keep_rules(moe: MoEModel, top_k: int | None = None) -> tuple[int, int]:
-    """The fewest experts a layer may keep (top-k, or what group-limited routing needs) and per group."""
-    min_keep = top_k or moe.top_k
-    min_per_group = 1
-    if moe.n_group > 1:
-        _, topk_group = _topk_group(moe)
-        min_per_group = max(2, math.ceil(min_keep / topk_group))
-        min_keep = max(min_keep, min_per_group * moe.n_group)
-    return min_keep, min_per_group
 
 
 def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
@@ -417,7 +417,7 @@ def select_experts(scores: torch.Tensor, count: int, budget: Budget) -> list[int
 
 
 def plan_for(
-    moe: MoEModel, stats: RoutingStats | None, args: PruningArguments, layer_costs: torch.Tensor | None = None
+    moe: MoEModel, stats: RoutingStats | None, args: PruningArguments, measure_layer_costs: LayerCosts | None = None
 ) -> PrunePlan:
     """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation."""
     if args.prune_plan:
@@ -436,5 +436,5 @@ def plan_for(
         roles=split_list(args.pruning_roles),
         top_k=args.pruning_top_k,
         seed=args.pruning_seed,
-        layer_costs=layer_costs,
+        measure_layer_costs=measure_layer_costs,
     )

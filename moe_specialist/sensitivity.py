@@ -13,15 +13,16 @@ import logging
 import math
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from moe_specialist.architectures import COUNT_ATTRIBUTES, MoELayer, MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
-from moe_specialist.configs import CalibrationArguments, PruningArguments, split_list
-from moe_specialist.plan import Budget, keep_rules, score_experts, select_experts
+from moe_specialist.configs import CalibrationArguments
+from moe_specialist.plan import Budget, LayerCosts, select_experts
 from moe_specialist.prune import layer_modules, slice_layer
-from moe_specialist.stats import IGNORE, ROLES, RoutingStats
+from moe_specialist.stats import IGNORE, ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +96,8 @@ def layer_costs(
     model.train(was_training)
     for position, points in measured.items():
         xs = sorted(points)
-        values = torch.tensor([points[x] for x in xs], dtype=torch.float64)
-        for count in range(xs[0], xs[-1] + 1):
-            right = next(i for i, x in enumerate(xs) if x >= count)
-            if xs[right] == count:
-                costs[position, count] = values[right]
-            else:
-                left = right - 1
-                weight = (count - xs[left]) / (xs[right] - xs[left])
-                costs[position, count] = (1 - weight) * values[left] + weight * values[right]
+        between = np.arange(xs[0], xs[-1] + 1)
+        costs[position, xs[0] : xs[-1] + 1] = torch.from_numpy(np.interp(between, xs, [points[x] for x in xs]))
     logger.info(
         "Layer sensitivity (loss increase, base %.4f): %s",
         base,
@@ -112,28 +106,32 @@ def layer_costs(
     return costs
 
 
-def layer_costs_for(
-    model,
-    moe: MoEModel,
-    tokenizer,
-    stats: RoutingStats,
-    calibration: CalibrationArguments,
-    pruning: PruningArguments,
-    criterion: str | None = None,
-    seed: int | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Layer costs on the recipe's calibration data, ranking experts as the plan will (criterion, groups, roles)."""
-    criterion = criterion or pruning.pruning_criterion
-    seed = pruning.pruning_seed if seed is None else seed
-    groups = split_list(pruning.pruning_groups) or stats.direction_groups()
-    scores = score_experts(stats, criterion, groups, split_list(pruning.pruning_roles), seed)
-    min_keep, min_per_group = keep_rules(moe, pruning.pruning_top_k)
-    budget = Budget(stats.num_experts, sum(stats.num_experts), min_keep, moe.n_group, min_per_group)
-    examples, general = calibration_data(calibration)
-    sequences = encode_calibration_data(tokenizer, examples, general, calibration.calibration_max_length)
-    every = max(1, len(sequences) // pruning.sensitivity_examples)  # spread over every direction and group
-    sequences = sequences[::every][: pruning.sensitivity_examples]
+def layer_cost_meter(
+    model, moe: MoEModel, tokenizer, calibration: CalibrationArguments, examples: int, progress: bool = True
+) -> LayerCosts:
+    """What ``make_plan`` calls for the ``sensitivity`` allocation: layer costs on ``examples`` calibration sequences.
+
+    The data is read on first use only, and the costs are kept per ranking, so a sweep measures each criterion once
+    for all its ratios.
+    """
+    batches: list = []
+    measured: dict[tuple, torch.Tensor] = {}
+
+    def measure(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
+        key = (scores.numpy().tobytes(), budget.min_keep, budget.n_group, budget.min_per_group)
+        if key not in measured:
+            if not batches:
+                batches.extend(calibration_sample(tokenizer, calibration, examples))
+            measured[key] = layer_costs(model, moe, batches, scores, budget, progress)
+        return measured[key]
+
+    return measure
+
+
+def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: int) -> list:
+    """Batches of ``examples`` calibration sequences, spread over every direction and group."""
+    pairs, general = calibration_data(calibration)
+    sequences = encode_calibration_data(tokenizer, pairs, general, calibration.calibration_max_length)
+    sequences = sequences[:: max(1, len(sequences) // examples)][:examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = list(calibration_batches(sequences, calibration.calibration_batch_size, pad_id))
-    return layer_costs(model, moe, batches, scores, budget, progress)
+    return list(calibration_batches(sequences, calibration.calibration_batch_size, pad_id))

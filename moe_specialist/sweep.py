@@ -36,7 +36,7 @@ from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, make_plan
 from moe_specialist.plots import plot_expert_usage, plot_quality_curve
 from moe_specialist.prune import prune_model
-from moe_specialist.sensitivity import layer_costs_for
+from moe_specialist.sensitivity import layer_cost_meter
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ class Sweep:
         self.moe = find_moe(self.base)
         calibration.statistics_file = calibration.statistics_file or str(run_dir / "stats.safetensors")
         self.stats = statistics_for(self.base, self.tokenizer, calibration, model_name)
-        self._layer_costs: dict[tuple[str, int], torch.Tensor] = {}
+        self.measure_layer_costs = layer_cost_meter(
+            self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
+        )
         self.examples = load_examples(
             data.eval_dataset_name or data.dataset_name,
             data.eval_directions or data.train_directions,
@@ -165,15 +167,6 @@ class Sweep:
             limit=data.max_eval_examples,
             seed=data.dataset_seed,
         )
-
-    def layer_costs(self, criterion: str, seed: int) -> torch.Tensor:
-        """The sensitivity allocation's measured layer costs, once per criterion (and seed) for every ratio."""
-        key = (criterion, seed)
-        if key not in self._layer_costs:
-            self._layer_costs[key] = layer_costs_for(
-                self.base, self.moe, self.tokenizer, self.stats, self.calibration, self.pruning, criterion, seed
-            )
-        return self._layer_costs[key]
 
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
@@ -186,7 +179,6 @@ class Sweep:
         self.point_dir(point).mkdir(parents=True)
         start = time.time()
         criterion, allocation = split_method(point.criterion, self.pruning.pruning_allocation)
-        costs = self.layer_costs(criterion, point.seed) if allocation == "sensitivity" else None
         plan = make_plan(
             self.moe,
             self.stats,
@@ -197,7 +189,7 @@ class Sweep:
             roles=split_list(self.pruning.pruning_roles),
             top_k=self.pruning.pruning_top_k,
             seed=point.seed,
-            layer_costs=costs,
+            measure_layer_costs=self.measure_layer_costs,
         )
         plan.save(self.point_dir(point) / PLAN_FILE)
         if point.sft:

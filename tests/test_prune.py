@@ -138,19 +138,21 @@ def test_non_uniform_checkpoint_reloads_with_its_counts(arch, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
 
 
+def prune_both_ways(model, plan: PrunePlan, tmp_path) -> tuple[dict, dict]:
+    """Prune the checkpoint in ``tmp_path/original`` on disk and ``model`` in memory; the tensors each path saved."""
+    prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
+    prune_model(model, plan)
+    save_pruned_model(model, tmp_path / "memory")
+    return load_file(tmp_path / "disk" / "model.safetensors"), load_file(tmp_path / "memory" / "model.safetensors")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["uniform", "non_uniform"])
 def test_on_disk_pruning_equals_in_memory(arch, kind, tmp_path):
     model = tiny_model(arch)
     model.save_pretrained(tmp_path / "original")
     plan = uniform_plan(model) if kind == "uniform" else non_uniform_plan(model)
-    prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
-    prune_model(model, plan)
-    save_pruned_model(model, tmp_path / "memory")
-    disk, memory = (
-        load_file(tmp_path / "disk" / "model.safetensors"),
-        load_file(tmp_path / "memory" / "model.safetensors"),
-    )
+    disk, memory = prune_both_ways(model, plan, tmp_path)
     assert disk.keys() == memory.keys()
     for key in disk:
         assert torch.equal(disk[key], memory[key]), key
@@ -230,14 +232,8 @@ def test_bfloat16_checkpoints_stay_bfloat16_and_both_paths_agree(tmp_path):
     model = tiny_model("gpt_oss").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "original")
     plan = uniform_plan(model)
-    prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype="auto")
-    prune_model(reloaded, plan)
-    save_pruned_model(reloaded, tmp_path / "memory")
-    disk, memory = (
-        load_file(tmp_path / "disk" / "model.safetensors"),
-        load_file(tmp_path / "memory" / "model.safetensors"),
-    )
+    disk, memory = prune_both_ways(reloaded, plan, tmp_path)
     assert disk.keys() == memory.keys()
     assert all(disk[k].dtype == torch.bfloat16 and torch.equal(disk[k], memory[k]) for k in disk)
 

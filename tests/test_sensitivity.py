@@ -101,7 +101,9 @@ def test_layer_costs_are_measured_losses_and_drive_the_plan(tiny_translator, dem
     best_three = sorted(scores[2].topk(3).indices.tolist())
     with keeping_only(moe.layers[2], best_three):
         assert float(costs[2, 3]) == pytest.approx(target_loss(model, batches) - base, abs=1e-9)
-    plan = make_plan(moe, stats, 0.5, criterion="frequency", allocation="sensitivity", layer_costs=costs)
+    plan = make_plan(
+        moe, stats, 0.5, criterion="frequency", allocation="sensitivity", measure_layer_costs=lambda *_: costs
+    )
     counts = [len(ids) for ids in plan.kept_experts.values()]
     assert sum(counts) == 16
     assert plan.metadata["layer_costs"][2][3] == pytest.approx(float(costs[2, 3]), abs=1e-5)

@@ -36,6 +36,7 @@ from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import summarize_moe
 from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
 from moe_specialist.prune import PruneReport, prune_model
+from moe_specialist.sensitivity import layer_cost_meter
 from moe_specialist.stats import RoutingStats
 
 logger = logging.getLogger(__name__)
@@ -196,15 +197,11 @@ class PruningCallback(TrainerCallback):
         stats = self.stats
         if stats is None and not self.pruning_args.prune_plan:
             stats = self._calibrate(model, device, state)
-        costs = None
-        if self.pruning_args.pruning_allocation == "sensitivity" and not self.pruning_args.prune_plan:
-            from moe_specialist.sensitivity import layer_costs_for
-
-            costs = layer_costs_for(
-                model, moe, self.tokenizer, stats, self.calibration_args, self.pruning_args,
-                progress=state.is_main_process,
-            )  # fmt: skip
-        plan = plan_for(moe, stats, self.pruning_args, costs)
+        meter = layer_cost_meter(
+            model, moe, self.tokenizer, self.calibration_args, self.pruning_args.sensitivity_examples,
+            progress=state.is_main_process,
+        )  # fmt: skip
+        plan = plan_for(moe, stats, self.pruning_args, meter)
         if self.calibration_args.statistics_file and not self.pruning_args.prune_plan:
             plan.metadata.setdefault("statistics", self.calibration_args.statistics_file)
         if state.num_processes > 1:  # one plan for all ranks, whatever floating-point noise the reductions had
