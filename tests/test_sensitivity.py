@@ -109,3 +109,10 @@ def test_layer_costs_are_measured_losses_and_drive_the_plan(tiny_translator, dem
     assert plan.metadata["layer_costs"][2][3] == pytest.approx(float(costs[2, 3]), abs=1e-5)
     budget = Budget([8] * 4, 16, 2, layer_costs=costs)
     assert counts == allocate_sensitivity(scores, budget)
+
+
+def test_sensitivity_examples_must_be_positive():
+    from moe_specialist.configs import PruningArguments
+
+    with pytest.raises(ValueError, match="sensitivity_examples must be positive, got 0"):
+        PruningArguments(pruning_allocation="sensitivity", sensitivity_examples=0)
