@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moe_specialist.errors import ConfigurationError
+
 # Config fields holding the number of routed experts / experts per token, across the MoE families of transformers.
 COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "experts_per_token")
@@ -33,7 +35,7 @@ PER_LAYER_COUNT_KEY = "moe_experts_per_layer"
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ConfigurationError):
     """The model's MoE layout cannot be pruned by this tool; the message says what is missing."""
 
 

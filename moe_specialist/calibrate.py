@@ -20,6 +20,7 @@ from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import encode_prompt_completion
 from moe_specialist.data.sources import check_trainable, general_texts, load_examples
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.stats import IGNORE, METRICS, ROLES, RoutingCollector, RoutingStats, StatisticsMismatchError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def calibrate(
     moe = find_moe(model)
     groups = list(examples) + list(general or {})
     if not groups:
-        raise ValueError("No calibration data: give at least one direction or general-text group.")
+        raise ConfigurationError("No calibration data: give at least one direction or general-text group.")
     sequences = encode_calibration_data(tokenizer, examples, general, max_length)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     shard = sequences[rank::world]

@@ -21,6 +21,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from moe_specialist.configs import CalibrationArguments, GenerationArguments, PruningArguments
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.io import atomic_write_json, prepare_output_dir
 
 logger = logging.getLogger("moe_specialist")
@@ -45,7 +46,7 @@ class OutputArguments:
 
     def checked(self) -> Path:
         if not self.output:
-            raise ValueError("--output is required: say where to write the result.")
+            raise ConfigurationError("--output is required: say where to write the result.")
         return prepare_output_dir(self.output, self.overwrite)
 
 
@@ -145,9 +146,11 @@ def cmd_calibrate(argv: list[str]) -> None:
     model_args, calibration, output = _parse((ModelArguments, CalibrationArguments, OutputArguments), argv)
     path = output.checked()
     if path.suffix != ".safetensors":
-        raise ValueError(f"--output {path} must end in .safetensors (a readable .json summary is written next to it).")
+        raise ConfigurationError(
+            f"--output {path} must end in .safetensors (a readable .json summary is written next to it)."
+        )
     if calibration.statistics_file and Path(calibration.statistics_file) != path:
-        raise ValueError("calibrate writes --output; --statistics_file is for recipes that reuse statistics.")
+        raise ConfigurationError("calibrate writes --output; --statistics_file is for recipes that reuse statistics.")
     calibration.statistics_file = str(path)
     state = _distributed_state()
     model, tokenizer = load_model_and_tokenizer(
@@ -198,13 +201,13 @@ def cmd_prune(argv: list[str]) -> None:
     model_args, inputs, output = _parse((ModelArguments, PruneInputArguments, OutputArguments), argv)
     path = output.checked()
     if not inputs.plan:
-        raise ValueError("--plan is required: a prune plan JSON from `moe-specialist plan`.")
+        raise ConfigurationError("--plan is required: a prune plan JSON from `moe-specialist plan`.")
     plan = PrunePlan.load(inputs.plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()
     mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
     if mode not in ("disk", "memory"):
-        raise ValueError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
+        raise ConfigurationError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
     if mode == "disk":
         if not local:
             from huggingface_hub import snapshot_download

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_specialist.errors import ConfigurationError
+
 
 def split_list(value: str | list[str] | None) -> list[str] | None:
     """``"en-fr, de-en"`` -> ``["en-fr", "de-en"]``; lists pass through; None and "" give None."""
@@ -70,20 +72,20 @@ class PruningArguments:
 
         validate_ratio(self.pruning_ratio)
         if self.pruning_criterion not in CRITERIA:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Unknown pruning_criterion {self.pruning_criterion!r}; choose one of {sorted(CRITERIA)}."
             )
         if self.pruning_allocation not in ALLOCATIONS:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Unknown pruning_allocation {self.pruning_allocation!r}; choose one of {sorted(ALLOCATIONS)}."
             )
         unknown_roles = set(split_list(self.pruning_roles) or []) - {"source", "target"}
         if unknown_roles:
-            raise ValueError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
+            raise ConfigurationError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
         if self.pruning_top_k is not None and self.pruning_top_k < 1:
-            raise ValueError(f"pruning_top_k must be a positive integer, got {self.pruning_top_k}.")
+            raise ConfigurationError(f"pruning_top_k must be a positive integer, got {self.pruning_top_k}.")
         if self.sensitivity_examples < 1:
-            raise ValueError(f"sensitivity_examples must be positive, got {self.sensitivity_examples}.")
+            raise ConfigurationError(f"sensitivity_examples must be positive, got {self.sensitivity_examples}.")
 
 
 @dataclass
@@ -98,7 +100,7 @@ class GenerationArguments:
 def check_calibration_data(calibration: CalibrationArguments, eval_dataset: str, eval_split: str) -> None:
     """Statistics from the evaluation split would tune the pruning on the very sentences it is scored on."""
     if calibration.calibration_dataset == eval_dataset and calibration.calibration_split == eval_split:
-        raise ValueError(
+        raise ConfigurationError(
             f"Calibrating on {eval_dataset}:{eval_split}, the split being evaluated, would choose experts on the test "
             "sentences: calibrate on training data (calibration_split: train)."
         )

@@ -6,6 +6,7 @@ import time
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.langid import off_target_rate
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.generation import translate
 from moe_specialist.metrics import score_translations
 
@@ -38,7 +39,7 @@ def evaluate_translations(
 ) -> dict:
     """Translate every direction's examples and score them; the dict is what ``scores.json`` holds."""
     if not examples or not all(examples.values()):
-        raise ValueError("Nothing to evaluate: every direction needs at least one example.")
+        raise ConfigurationError("Nothing to evaluate: every direction needs at least one example.")
     start = time.time()
     directions = {}
     for name, items in examples.items():

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.prompts import format_prompt
+from moe_specialist.errors import ConfigurationError
 
 HARMONY_CHANNEL = "<|channel|>"
 HARMONY_FINAL = "<|channel|>final<|message|>"
@@ -37,9 +38,9 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (order kept). Prompts are sorted by length to waste little padding."""
     if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+        raise ConfigurationError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token: set tokenizer.pad_token before generating.")
+        raise ConfigurationError("The tokenizer has no pad token: set tokenizer.pad_token before generating.")
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training

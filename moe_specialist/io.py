@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from moe_specialist.errors import OutputExistsError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -61,7 +63,9 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to replace an existing output unless asked; the caller writes into :func:`staging_dir` first."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"Output {path} already exists: choose another path or pass --overwrite to replace it.")
+        raise OutputExistsError(
+            f"Output {path} already exists: choose another path or pass --overwrite to replace it."
+        )
     return path
 
 

@@ -8,6 +8,7 @@ import logging
 from sacrebleu.metrics import BLEU, CHRF
 
 from moe_specialist.data.example import ParallelExample
+from moe_specialist.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ def reference_streams(examples: list[ParallelExample]) -> list[list[str | None]]
 def score_translations(hypotheses: list[str], examples: list[ParallelExample]) -> dict:
     """Corpus chrF++ and BLEU of ``hypotheses`` against every reference of ``examples``."""
     if len(hypotheses) != len(examples):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(examples)} examples.")
+        raise ConfigurationError(f"{len(hypotheses)} hypotheses for {len(examples)} examples.")
     if not examples:
-        raise ValueError("No examples to score.")
+        raise ConfigurationError("No examples to score.")
     refs = reference_streams(examples)
     chrf = CHRF(word_order=2)
     bleu = bleu_metric(examples[0].tgt.short)

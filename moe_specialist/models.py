@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, Mxfp4Config
 
+from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.prune import load_pruned_model
 
 DEMO = "demo"
@@ -17,7 +18,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """``demo`` means the checkpoint shipped with this package; anything else is passed to transformers."""
     if name_or_path == DEMO:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"The demo generalist is missing from {DEMO_MODEL_DIR}: reinstall the package, or train it with "
                 "`python -m moe_specialist.demo.train_generalist` and export it with `python -m "
                 "moe_specialist.demo.export`."
@@ -36,7 +37,7 @@ def resolve_dtype(name_or_path: str, dtype: str | torch.dtype | None):
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+        raise ConfigurationError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     return getattr(torch, dtype)
 
 

@@ -18,6 +18,7 @@ import torch
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
 from moe_specialist.configs import PruningArguments, split_list
+from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import ROLES, RoutingStats
 
@@ -86,13 +87,13 @@ def language_aware(stats: RoutingStats, groups, roles, seed: int) -> torch.Tenso
             if float(total.sum()) > 0:
                 slices.append(mass / total.clamp_min(1e-300))
     if not slices:
-        raise ValueError(f"No routed tokens in groups {chosen_groups} and roles {chosen_roles}.")
+        raise ConfigurationError(f"No routed tokens in groups {chosen_groups} and roles {chosen_roles}.")
     return torch.stack(slices).mean(0)
 
 
 def score_experts(stats: RoutingStats, criterion: str, groups=None, roles=None, seed: int = 0) -> torch.Tensor:
     if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
+        raise ConfigurationError(f"Unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}.")
     scores = CRITERIA[criterion](stats, groups, roles, seed).double().clone()
     for position, count in enumerate(stats.num_experts):
         scores[position, count:] = -math.inf  # padding of layers with fewer experts
@@ -178,7 +179,7 @@ def allocate_sensitivity(scores: torch.Tensor, budget: Budget) -> list[int]:
     Exact dynamic programming over layers and kept totals; layer costs are treated as additive.
     """
     if budget.layer_costs is None:
-        raise ValueError(
+        raise ConfigurationError(
             "The sensitivity allocation needs measured layer costs (moe_specialist.sensitivity): it runs where the "
             "model and calibration data are at hand (`moe-specialist sweep`, `moe_specialist.train`), not from a "
             "statistics file alone."
@@ -239,21 +240,21 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> PrunePlan:
         if not isinstance(data, dict) or "kept_experts" not in data:
-            raise ValueError(f"{source} is not a prune plan: it needs a 'kept_experts' mapping.")
+            raise ConfigurationError(f"{source} is not a prune plan: it needs a 'kept_experts' mapping.")
         kept = {}
         for layer, ids in data["kept_experts"].items():
             try:
                 index = int(layer)
             except ValueError:
-                raise ValueError(f"{source}: layer key {layer!r} is not a decoder-layer index.") from None
+                raise ConfigurationError(f"{source}: layer key {layer!r} is not a decoder-layer index.") from None
             if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"{source}: layer {layer} must map to a list of expert ids (integers).")
+                raise ConfigurationError(f"{source}: layer {layer} must map to a list of expert ids (integers).")
             if len(set(ids)) != len(ids):
-                raise ValueError(f"{source}: layer {layer} lists an expert twice: {ids}.")
+                raise ConfigurationError(f"{source}: layer {layer} lists an expert twice: {ids}.")
             kept[index] = sorted(ids)
         top_k = data.get("top_k")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"{source}: 'top_k' must be a positive integer or null, got {top_k!r}.")
+            raise ConfigurationError(f"{source}: 'top_k' must be a positive integer or null, got {top_k!r}.")
         metadata = {k: v for k, v in data.items() if k not in ("kept_experts", "top_k")}
         return cls(kept, top_k, metadata)
 
@@ -261,11 +262,11 @@ class PrunePlan:
     def load(cls, path: str | Path) -> PrunePlan:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No prune plan at {path}; create one with `moe-specialist plan`.")
+            raise MissingInputError(f"No prune plan at {path}; create one with `moe-specialist plan`.")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}.") from error
+            raise ConfigurationError(f"{path} is not valid JSON: {error}.") from error
         return cls.from_dict(data, str(path))
 
     def validate(self, moe: MoEModel) -> None:
@@ -274,24 +275,24 @@ class PrunePlan:
         recorded = {int(k): v for k, v in (self.metadata.get("num_experts") or {}).items()}
         differing = {k: (v, counts.get(k)) for k, v in recorded.items() if counts.get(k) != v}
         if differing:
-            raise ValueError(
+            raise ConfigurationError(
                 f"The plan was made for a model with other expert counts (layer: plan's, this model's): {differing}; "
                 "make a plan for this model."
             )
         top_k = self.top_k or moe.top_k
         if self.top_k is not None and not 1 <= self.top_k <= moe.top_k:
-            raise ValueError(f"Plan top_k={self.top_k} must be between 1 and the model's top-k ({moe.top_k}).")
+            raise ConfigurationError(f"Plan top_k={self.top_k} must be between 1 and the model's top-k ({moe.top_k}).")
         for layer, ids in self.kept_experts.items():
             if layer not in counts:
-                raise ValueError(
+                raise ConfigurationError(
                     f"The plan names decoder layer {layer}, which is not an MoE layer of {moe.architecture}; MoE "
                     f"layers are {moe.layer_indices}."
                 )
             bad = [i for i in ids if not 0 <= i < counts[layer]]
             if bad:
-                raise ValueError(f"Layer {layer} has experts 0..{counts[layer] - 1}; the plan names {bad}.")
+                raise ConfigurationError(f"Layer {layer} has experts 0..{counts[layer] - 1}; the plan names {bad}.")
             if len(ids) < top_k:
-                raise ValueError(
+                raise ConfigurationError(
                     f"Layer {layer} would keep {len(ids)} experts, fewer than top-k={top_k}: every token needs "
                     f"{top_k} experts. Keep more experts or lower top-k explicitly (plan 'top_k')."
                 )
@@ -304,7 +305,7 @@ def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> 
     size = num_experts // n_group
     per_group = [sum(1 for i in ids if i // size == g) for g in range(n_group)]
     if len(set(per_group)) != 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"Layer {layer} uses group-limited routing (n_group={n_group}); every group must keep the same number "
             f"of experts, but the plan keeps {per_group} per group."
         )
@@ -312,7 +313,7 @@ def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> 
 
 def validate_ratio(ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"pruning_ratio must be in [0, 1) (share of routed experts removed), got {ratio}.")
+        raise ConfigurationError(f"pruning_ratio must be in [0, 1) (share of routed experts removed), got {ratio}.")
     return ratio
 
 
@@ -335,10 +336,10 @@ def make_plan(
     """
     validate_ratio(ratio)
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
+        raise ConfigurationError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
     stats.validate_for(moe)
     if top_k is not None and not 1 <= top_k <= moe.top_k:
-        raise ValueError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
+        raise ConfigurationError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
     groups = groups or stats.direction_groups()
     scores = score_experts(stats, criterion, groups, roles, seed)
     num_experts = stats.num_experts
@@ -352,7 +353,7 @@ def make_plan(
     keep_total = round(total * (1 - ratio))
     if keep_total < min_keep * len(num_experts):
         max_ratio = 1 - min_keep * len(num_experts) / total
-        raise ValueError(
+        raise ConfigurationError(
             f"Pruning {ratio:.1%} of {total} experts leaves {keep_total}, but each of the {len(num_experts)} MoE "
             f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
             "lower top-k explicitly (--pruning_top_k)."
@@ -425,7 +426,7 @@ def plan_for(
         plan.validate(moe)
         return plan
     if stats is None:
-        raise ValueError("Planning needs routing statistics (calibrate first) or a plan file (--prune_plan).")
+        raise ConfigurationError("Planning needs routing statistics (calibrate first) or a plan file (--prune_plan).")
     return make_plan(
         moe,
         stats,

@@ -41,6 +41,7 @@ from moe_specialist.architectures import (
     find_moe,
     text_config,
 )
+from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json, atomic_write_text, staging_dir
 from moe_specialist.model_card import pruned_model_card, summarize_moe
 from moe_specialist.plan import PLAN_FILE, PrunePlan
@@ -285,7 +286,7 @@ def _shard_files(path: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (path / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise FileNotFoundError(f"No safetensors checkpoint in {path} (model.safetensors or its index).")
+    raise MissingInputError(f"No safetensors checkpoint in {path} (model.safetensors or its index).")
 
 
 def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]):
@@ -305,7 +306,7 @@ def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int
     if any(h in name for h in _MOE_NAME_HINTS) and not any(h in name for h in _SHARED_HINTS) and n in shape:
         dims = [d for d, size in enumerate(shape) if size == n]
         if len(dims) != 1:
-            raise ValueError(f"Cannot tell which dimension of {key} {shape} indexes the {n} experts.")
+            raise ConfigurationError(f"Cannot tell which dimension of {key} {shape} indexes the {n} experts.")
         tensor = tensor_loader()
         return key, tensor.index_select(dims[0], torch.tensor(kept, dtype=torch.long)).contiguous()
     return key, tensor_loader()
@@ -342,7 +343,7 @@ def prune_checkpoint(
             except Exception as error:
                 if isinstance(error, ValueError) and "dimension" in str(error):
                     raise
-                raise ValueError(
+                raise ConfigurationError(
                     f"Cannot read {model_dir / shard}: truncated or corrupt safetensors ({error})."
                 ) from error
             save_file(out, str(tmp / shard), metadata={**metadata, "format": metadata.get("format", "pt")})

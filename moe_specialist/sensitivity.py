@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from moe_specialist.architectures import COUNT_ATTRIBUTES, MoELayer, MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
 from moe_specialist.configs import CalibrationArguments
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, LayerCosts, select_experts
 from moe_specialist.prune import layer_modules, slice_layer
 from moe_specialist.stats import IGNORE, ROLES
@@ -61,7 +62,7 @@ def target_loss(model, batches: list[tuple[torch.Tensor, ...]]) -> float:
         total += float(loss)
         tokens += int((labels != IGNORE).sum())
     if tokens == 0:
-        raise ValueError("The calibration data has no target tokens to measure layer sensitivity on.")
+        raise ConfigurationError("The calibration data has no target tokens to measure layer sensitivity on.")
     return total / tokens
 
 

@@ -29,6 +29,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
+from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ _CONFIG_KEYS_IGNORED = {
 }
 
 
-class StatisticsMismatchError(ValueError):
+class StatisticsMismatchError(ConfigurationError):
     """Statistics that do not describe the model or the other statistics they are used with."""
 
 
@@ -85,7 +86,7 @@ class RoutingStats:
     @classmethod
     def empty(cls, groups: list[str], layers: list[int], num_experts: list[int], metadata: dict | None = None):
         if len(set(groups)) != len(groups):
-            raise ValueError(f"Duplicate statistics groups: {groups}.")
+            raise ConfigurationError(f"Duplicate statistics groups: {groups}.")
         shape = (len(groups), len(ROLES), len(layers), max(num_experts))
         zeros = lambda: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
         return cls(
@@ -156,7 +157,7 @@ class RoutingStats:
             return torch.arange(len(ROLES))
         unknown = [r for r in roles if r not in ROLES]
         if unknown:
-            raise ValueError(f"Unknown token role(s) {unknown}; roles are {list(ROLES)}.")
+            raise ConfigurationError(f"Unknown token role(s) {unknown}; roles are {list(ROLES)}.")
         return torch.tensor([ROLES.index(r) for r in roles])
 
     def validate_for(self, moe: MoEModel) -> None:
@@ -187,7 +188,9 @@ class RoutingStats:
         """One safetensors file (tensors + JSON metadata), plus a readable JSON summary next to it."""
         path = Path(path)
         if path.suffix != ".safetensors":
-            raise ValueError(f"Statistics files end in .safetensors (the .json next to them is a summary): {path}.")
+            raise ConfigurationError(
+                f"Statistics files end in .safetensors (the .json next to them is a summary): {path}."
+            )
         header = {
             "groups": self.groups,
             "layers": self.layers,
@@ -204,7 +207,7 @@ class RoutingStats:
     def load(cls, path: str | Path) -> RoutingStats:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No statistics file at {path}; create one with `moe-specialist calibrate`.")
+            raise MissingInputError(f"No statistics file at {path}; create one with `moe-specialist calibrate`.")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {})["moe_specialist"])

@@ -30,6 +30,7 @@ from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
 from moe_specialist.configs import check_calibration_data, split_list
 from moe_specialist.data.sources import load_examples
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, atomic_write_text
 from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
@@ -66,9 +67,11 @@ def split_method(method: str, default_allocation: str) -> tuple[str, str]:
     criterion, _, allocation = method.partition("@")
     allocation = allocation or default_allocation
     if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
+        raise ConfigurationError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATIONS)}.")
+        raise ConfigurationError(
+            f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATIONS)}."
+        )
     return criterion, allocation
 
 
@@ -88,7 +91,7 @@ class Point:
 def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
     ratios = [float(r) for r in split_list(args.ratios) or []]
     if not ratios:
-        raise ValueError("--ratios is empty: give e.g. 0,0.5,0.75.")
+        raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
     # always criterion@allocation: a point's id (and so its reuse on resume) names both
     criteria = [
         "@".join(split_method(m, default_allocation)) for m in split_list(args.criteria) or [default_criterion]
@@ -96,12 +99,12 @@ def sweep_points(args: SweepArguments, default_criterion: str, seed: int, defaul
     sft_at = [float(r) for r in split_list(args.sft_at) or []]
     missing = [r for r in sft_at if r not in ratios]
     if missing:
-        raise ValueError(f"--sft_at ratios {missing} are not among --ratios {ratios}.")
+        raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {ratios}.")
     sft_criteria = ["@".join(split_method(m, default_allocation)) for m in split_list(args.sft_criteria) or []]
     sft_criteria = sft_criteria or criteria[:1]
     unknown = [c for c in sft_criteria if c not in criteria]
     if unknown:
-        raise ValueError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
+        raise ConfigurationError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
     points = []
     for ratio in ratios:
         for criterion in criteria:
@@ -409,7 +412,7 @@ def check_resumable(config_file: Path, recipe: dict) -> None:
         and json.dumps(previous.get(key), default=str) != json.dumps(recipe.get(key), default=str)
     )
     if differing:
-        raise ValueError(
+        raise ConfigurationError(
             f"{config_file.parent} holds a sweep run with another configuration ({', '.join(differing)} differ): "
             "its finished points would be reused. Choose another --output_dir, or delete that directory."
         )

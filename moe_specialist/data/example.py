@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moe_specialist.data.languages import Language, direction_name, get_language
+from moe_specialist.errors import ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ParallelExample:
 
     def __post_init__(self) -> None:
         if not self.references:
-            raise ValueError(f"Example {self.id!r} has no reference translation.")
+            raise ConfigurationError(f"Example {self.id!r} has no reference translation.")
 
     @property
     def src(self) -> Language:

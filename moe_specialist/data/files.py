@@ -28,12 +28,13 @@ from typing import Any
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import Language, get_language
+from moe_specialist.errors import ConfigurationError, MissingInputError
 
 _OPTIONAL_COLUMNS = ("src_lang", "tgt_lang", "id")
 _TARGET_COLUMN = re.compile(r"target(_\d+)?")
 
 
-class DataFileError(ValueError):
+class DataFileError(ConfigurationError):
     """A problem at one line of a data file."""
 
     def __init__(self, path: Path, line: int, message: str) -> None:
@@ -243,7 +244,7 @@ def read_parallel_file(
     if isinstance(target_files, (str, Path)):
         target_files = [target_files]
     if not path.is_file():
-        raise FileNotFoundError(f"Data file {path} does not exist.")
+        raise MissingInputError(f"Data file {path} does not exist.")
     if target_files:
         records = _read_aligned(path, [Path(p) for p in target_files])
     elif path.suffix == ".tsv":
@@ -251,7 +252,7 @@ def read_parallel_file(
     elif path.suffix == ".jsonl":
         records = _read_jsonl(path)
     else:
-        raise ValueError(
+        raise ConfigurationError(
             f"Cannot tell the format of {path}: name it *.tsv or *.jsonl, or pass target_files for a plain-text "
             f"source file aligned with its reference file(s)."
         )

@@ -15,6 +15,7 @@ from datasets.exceptions import DatasetNotFoundError
 
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import Language, direction_name
+from moe_specialist.errors import ConfigurationError
 
 EVALUATION_ONLY_SOURCES = frozenset({"flores_plus", "wmt24pp"})
 
@@ -67,9 +68,13 @@ def _flores_texts_by_id(rows: Iterable[Row], config: str) -> dict[int, str]:
     for row in rows:
         row_config = f"{row['iso_639_3']}_{row['iso_15924']}"
         if row_config != config:
-            raise ValueError(f"FLORES+ row {row['id']} is in {row_config}, expected {config}: pass the {config} rows.")
+            raise ConfigurationError(
+                f"FLORES+ row {row['id']} is in {row_config}, expected {config}: pass the {config} rows."
+            )
         if row["id"] in texts:
-            raise ValueError(f"FLORES+ {config} has id {row['id']} twice: clear its `datasets` cache and reload.")
+            raise ConfigurationError(
+                f"FLORES+ {config} has id {row['id']} twice: clear its `datasets` cache and reload."
+            )
         texts[row["id"]] = row["text"]
     return texts
 
@@ -84,7 +89,7 @@ def flores_plus_examples(
     if sources.keys() != targets.keys():
         only_src = sorted(sources.keys() - targets.keys())[:5]
         only_tgt = sorted(targets.keys() - sources.keys())[:5]
-        raise ValueError(
+        raise ConfigurationError(
             f"FLORES+ {split} configs {src_config} and {tgt_config} do not align on id (only in {src_config}: "
             f"{only_src}, only in {tgt_config}: {only_tgt}): both must come from the same FLORES+ revision; clear "
             f"their `datasets` cache and reload."
@@ -104,14 +109,14 @@ def flores_plus_examples(
 def wmt24pp_config(src: Language, tgt: Language) -> str:
     """The WMT24++ config of a direction, which must translate from English."""
     if src.code != "eng_Latn":
-        raise ValueError(
+        raise ConfigurationError(
             f"WMT24++ is English->xx only, so it has no {direction_name(src, tgt)} test set: evaluate this direction "
             f"on flores_plus (or bible) instead."
         )
     try:
         return WMT24PP_CONFIGS[tgt.code]
     except KeyError:
-        raise ValueError(
+        raise ConfigurationError(
             f"No WMT24++ config known for {tgt.name} ({tgt.code}): add it to WMT24PP_CONFIGS (configs are named "
             f"en-<lang>_<REGION>, see https://huggingface.co/datasets/{WMT24PP_REPO})."
         ) from None
@@ -123,7 +128,7 @@ def wmt24pp_examples(rows: Iterable[Row], src: Language, tgt: Language) -> list[
     examples = []
     for row in rows:
         if row["lp"] != config:
-            raise ValueError(f"WMT24++ segment {row['segment_id']} is from {row['lp']}, expected {config}.")
+            raise ConfigurationError(f"WMT24++ segment {row['segment_id']} is from {row['lp']}, expected {config}.")
         if row["is_bad_source"] or row["domain"] == _WMT24PP_CANARY_DOMAIN:
             continue
         examples.append(
@@ -142,7 +147,9 @@ def wmt24pp_domain(example: ParallelExample) -> str:
     """The WMT24++ domain (literary, news, social, speech) of an example, to group scores by domain."""
     parts = example.id.split("/")
     if len(parts) != 4 or parts[0] != "wmt24pp":
-        raise ValueError(f"Example {example.id!r} does not come from WMT24++ (ids look like wmt24pp/LP/DOMAIN/SEG).")
+        raise ConfigurationError(
+            f"Example {example.id!r} does not come from WMT24++ (ids look like wmt24pp/LP/DOMAIN/SEG)."
+        )
     return parts[2]
 
 

@@ -13,6 +13,7 @@ import re
 from langid.langid import LanguageIdentifier, model
 
 from moe_specialist.data.languages import LANGUAGES, Language, get_language
+from moe_specialist.errors import ConfigurationError
 
 # langid speaks ISO 639-1; the first of our languages with a code wins (Simplified Chinese for "zh").
 _CODE_BY_LANGID: dict[str, str] = {}
@@ -47,7 +48,7 @@ def _same_language(code: str | None, target: Language) -> bool:
 def off_target_rate(hypotheses: list[str], tgt_lang: str | Language) -> float:
     """Share of hypotheses not in ``tgt_lang``; an empty one (or one without letters) counts as off-target."""
     if not hypotheses:
-        raise ValueError("off_target_rate needs at least one hypothesis.")
+        raise ConfigurationError("off_target_rate needs at least one hypothesis.")
     target = tgt_lang if isinstance(tgt_lang, Language) else get_language(tgt_lang)
     off = sum(not _same_language(detect_language(h), target) for h in hypotheses)
     return off / len(hypotheses)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_specialist.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class Language:
@@ -56,7 +58,7 @@ def get_language(key: str) -> Language:
         return _BY_KEY[key.strip().lower()]
     except KeyError:
         known = ", ".join(f"{lang.short} ({lang.code})" for lang in LANGUAGES)
-        raise ValueError(f"Unknown language code {key!r}. Known languages: {known}.") from None
+        raise ConfigurationError(f"Unknown language code {key!r}. Known languages: {known}.") from None
 
 
 def parse_direction(direction: str) -> tuple[Language, Language]:
@@ -69,9 +71,9 @@ def parse_direction(direction: str) -> tuple[Language, Language]:
         if left.lower() in _BY_KEY and right.lower() in _BY_KEY:
             src, tgt = get_language(left), get_language(right)
             if src == tgt:
-                raise ValueError(f"Direction {direction!r} translates a language into itself.")
+                raise ConfigurationError(f"Direction {direction!r} translates a language into itself.")
             return src, tgt
-    raise ValueError(
+    raise ConfigurationError(
         f"Cannot parse direction {direction!r}: expected 'SRC-TGT' with known language codes, e.g. 'en-fr' or "
         f"'eng_Latn-fra_Latn'."
     )
@@ -87,10 +89,10 @@ def parse_directions(spec: str | list[str]) -> list[tuple[Language, Language]]:
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
     items = [s for s in items if s]
     if not items:
-        raise ValueError("No translation direction given: pass e.g. 'en-fr,de-en'.")
+        raise ConfigurationError("No translation direction given: pass e.g. 'en-fr,de-en'.")
     directions = [parse_direction(s) for s in items]
     names = [direction_name(*d) for d in directions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"Direction(s) listed twice: {', '.join(duplicates)}.")
+        raise ConfigurationError(f"Direction(s) listed twice: {', '.join(duplicates)}.")
     return directions

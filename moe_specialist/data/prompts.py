@@ -7,6 +7,7 @@ functions, so a prompt change cannot make training and evaluation disagree.
 from __future__ import annotations
 
 from moe_specialist.data.example import ParallelExample
+from moe_specialist.errors import ConfigurationError
 
 # The user turn. Short on purpose: the demo model pays for every prompt token, real LLMs understand it as well.
 TRANSLATION_INSTRUCTION = "Translate from {src_name} to {tgt_name}:\n{source}"
@@ -57,7 +58,7 @@ def encode_prompt_completion(tokenizer, example: ParallelExample, reference_inde
         prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
         if not full.startswith(prompt):
-            raise ValueError("The chat template renders the prompt differently with and without the reply.")
+            raise ConfigurationError("The chat template renders the prompt differently with and without the reply.")
         completion = full[len(prompt) :]
     else:
         prompt, completion = record["prompt"], record["completion"]

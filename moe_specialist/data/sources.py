@@ -13,6 +13,7 @@ from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.files import read_parallel_file
 from moe_specialist.data.hub import EVALUATION_ONLY_SOURCES, load_flores_plus, load_wmt24pp
 from moe_specialist.data.languages import Language, direction_name, parse_directions
+from moe_specialist.errors import ConfigurationError, MissingInputError
 
 # The split names each built-in source accepts, and the split of its data each name means.
 SPLIT_NAMES: dict[str, dict[str, str]] = {
@@ -28,13 +29,13 @@ def resolve_split(source: str, split: str) -> str:
     try:
         return names[split]
     except KeyError:
-        raise ValueError(f"{source} has no split {split!r}; valid splits: {', '.join(names)}.") from None
+        raise ConfigurationError(f"{source} has no split {split!r}; valid splits: {', '.join(names)}.") from None
 
 
 def check_trainable(source: str) -> None:
     """Refuse a test set as training data, so that scores on it stay meaningful."""
     if source in EVALUATION_ONLY_SOURCES:
-        raise ValueError(
+        raise ConfigurationError(
             f"{source} is a test set and must not be trained on: train on 'bible' or local files, and keep {source} "
             f"for evaluation."
         )
@@ -54,7 +55,7 @@ def local_files(pattern: str) -> list[Path]:
         return [Path(pattern)]
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Data source {pattern!r} is neither a built-in source ({', '.join(SPLIT_NAMES)}) nor an existing file "
             f"or glob: check the name or the path."
         )
@@ -76,7 +77,7 @@ def _local_examples(
 ) -> dict[str, list[ParallelExample]]:
     paths = local_files(source)
     if file_kwargs.get("target_files") and len(paths) > 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"{source!r} matches {len(paths)} files, but target_files aligns with a single source file: name one."
         )
     # Records without languages belong to the direction asked for, which must then be unambiguous.
@@ -89,7 +90,7 @@ def _local_examples(
     for src, tgt in directions:
         name = direction_name(src, tgt)
         if name not in by_direction:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{source} has no {name} examples (it has: {', '.join(sorted(by_direction)) or 'none'}): check the "
                 f"direction or the files' src_lang/tgt_lang."
             )
@@ -114,7 +115,7 @@ def load_examples(
     """
     parsed = parse_directions(directions)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of examples (or None for all), got {limit}.")
+        raise ConfigurationError(f"limit must be a positive number of examples (or None for all), got {limit}.")
     if source not in SPLIT_NAMES:
         return _local_examples(source, parsed, limit, seed, **file_kwargs)
     if file_kwargs:

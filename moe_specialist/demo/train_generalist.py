@@ -33,6 +33,7 @@ from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import format_prompt, translation_instruction
 from moe_specialist.demo.tokenizer import END_OF_TEXT, END_OF_TURN, train_tokenizer
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.generation import translate
 from moe_specialist.io import atomic_torch_save, atomic_write_json, staging_dir
 from moe_specialist.metrics import score_translations
@@ -298,7 +299,7 @@ def main(args: GeneralistArguments) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         if step >= args.max_steps - args.decay_steps and state["args"]["max_steps"] != args.max_steps:
-            raise ValueError("The checkpoint is already in its final decay; it cannot be extended.")
+            raise ConfigurationError("The checkpoint is already in its final decay; it cannot be extended.")
         logger.info("resumed at step %d (%.1fM tokens, %.1f min)", step, tokens_seen / 1e6, elapsed / 60)
     logger.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     forward = torch.compile(model) if args.compile else model

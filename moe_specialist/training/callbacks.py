@@ -30,6 +30,7 @@ from moe_specialist.architectures import MoEModel, find_moe
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.prompts import format_prompt
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import average_scores, score_direction
 from moe_specialist.generation import generate_texts
 from moe_specialist.io import atomic_write_json
@@ -291,7 +292,7 @@ class TranslationEvalCallback(TrainerCallback):
         on_start: bool = True,
     ):
         if not examples or not all(examples.values()):
-            raise ValueError("translation_eval needs at least one example in every eval direction.")
+            raise ConfigurationError("translation_eval needs at least one example in every eval direction.")
         self.examples = examples
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -432,13 +433,13 @@ CALLBACKS: dict[str, type] = {
 def check_callback_names(names: list[str]) -> None:
     unknown = [name for name in names if name not in CALLBACKS]
     if unknown:
-        raise ValueError(
+        raise ConfigurationError(
             f"Unknown callback(s) {', '.join(map(repr, unknown))} in `callbacks`; known callbacks: "
             f"{', '.join(sorted(CALLBACKS))}."
         )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"Callback(s) {', '.join(repeated)} listed more than once in `callbacks`.")
+        raise ConfigurationError(f"Callback(s) {', '.join(repeated)} listed more than once in `callbacks`.")
 
 
 def get_callbacks(names: list[str], context: RunContext) -> list[TrainerCallback]:

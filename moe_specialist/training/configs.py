@@ -24,6 +24,7 @@ import trl
 from trl import ModelConfig, TrlParser
 
 from moe_specialist.configs import CalibrationArguments, PruningArguments, split_list
+from moe_specialist.errors import ConfigurationError
 
 DEFAULT_CALLBACKS = ["expert_pruning", "translation_eval"]
 
@@ -59,17 +60,19 @@ class DataArguments:
         self.eval_directions = self.eval_directions or self.train_directions
         local = self.dataset_name not in SPLIT_NAMES  # a local file is its own split
         if self.eval_dataset_name == self.dataset_name and (local or self.eval_split == self.train_split):
-            raise ValueError(
+            raise ConfigurationError(
                 f"The eval data would be the SFT data ({self.dataset_name}, {self.train_split}): evaluate on another "
                 "split (eval_split: dev) or another source (eval_dataset_name)."
             )
         for name in ("train_directions", "eval_directions"):
             if not split_list(getattr(self, name)):
-                raise ValueError(f"{name} is empty: give at least one direction such as en-fr.")
+                raise ConfigurationError(f"{name} is empty: give at least one direction such as en-fr.")
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of examples per direction (or null), got {value}.")
+                raise ConfigurationError(
+                    f"{name} must be a positive number of examples per direction (or null), got {value}."
+                )
 
 
 @dataclass
@@ -119,7 +122,7 @@ class SFTConfig(trl.SFTConfig):
 
     def __post_init__(self):
         if not _accelerator_visible() and _fsdp_launch():
-            raise ValueError(
+            raise ConfigurationError(
                 "An FSDP launch without a GPU: accelerate runs FSDP on GPUs only and would silently fall back to "
                 "DDP. On CPU use accelerate_configs/cpu/zero3.yaml (DeepSpeed ZeRO-3 shards the same way)."
             )
@@ -130,7 +133,7 @@ class SFTConfig(trl.SFTConfig):
                 self.ddp_backend = "gloo"  # DeepSpeed on CPU: without a backend accelerate sees one process per rank
         self.use_cpu = bool(self.use_cpu)
         if self.use_cpu and _deepspeed_launch():
-            raise ValueError(
+            raise ConfigurationError(
                 "use_cpu=true under a DeepSpeed launch: accelerate would silently run without DeepSpeed. DeepSpeed "
                 "runs on CPU by itself: leave use_cpu unset (or false) with accelerate_configs/cpu/zero*.yaml."
             )
@@ -139,15 +142,15 @@ class SFTConfig(trl.SFTConfig):
 
         check_callback_names(self.callbacks)
         if self.train_router_only and self.freeze_router:
-            raise ValueError("train_router_only and freeze_router contradict each other: choose one.")
+            raise ConfigurationError("train_router_only and freeze_router contradict each other: choose one.")
         for name in ("mt_eval_max_new_tokens", "mt_eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+                raise ConfigurationError(f"{name} must be positive, got {getattr(self, name)}.")
         for name in ("mt_eval_no_repeat_ngram_size", "mt_eval_num_samples_table"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.max_steps < -1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"max_steps must be -1 (use num_train_epochs), 0 (prune only) or positive, got {self.max_steps}."
             )
 

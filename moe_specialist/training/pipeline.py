@@ -42,6 +42,7 @@ from moe_specialist.architectures import find_moe, text_config
 from moe_specialist.configs import CalibrationArguments, PruningArguments, check_calibration_data
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.data.sources import load_examples
+from moe_specialist.errors import ConfigurationError, MissingInputError, OutputExistsError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import pruned_model_card
 from moe_specialist.models import load_model_and_tokenizer
@@ -70,19 +71,23 @@ TRANSLATIONS_FILE = "translations.json"
 def validate_arguments(model_args, training_args: SFTConfig) -> None:
     """Cross-dataclass checks (each dataclass validates its own fields in ``__post_init__``) and the launch."""
     if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required: a Hub id, a local directory or 'demo'.")
+        raise ConfigurationError("model_name_or_path is required: a Hub id, a local directory or 'demo'.")
     if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
-        raise ValueError("Quantized loading is not supported: pruning and SFT need the full-precision expert tensors.")
+        raise ConfigurationError(
+            "Quantized loading is not supported: pruning and SFT need the full-precision expert tensors."
+        )
     if model_args.use_peft and not (model_args.lora_target_modules or model_args.lora_target_parameters):
-        raise ValueError(
+        raise ConfigurationError(
             "use_peft needs lora_target_modules (PEFT has no default for most MoE architectures): e.g. "
             "`q_proj k_proj v_proj o_proj` (attention only), or `all-linear` with lora_dropout 0 (PEFT then also "
             "adapts the fused experts and the routers)."
         )
     if model_args.use_peft and training_args.train_router_only:
-        raise ValueError("use_peft and train_router_only contradict each other: LoRA trains adapters, not routers.")
+        raise ConfigurationError(
+            "use_peft and train_router_only contradict each other: LoRA trains adapters, not routers."
+        )
     if model_args.use_peft and _zero_stage(training_args) == 3:
-        raise ValueError(
+        raise ConfigurationError(
             "LoRA under DeepSpeed ZeRO-3 is not supported by this pipeline (merging partitioned adapters into the "
             "pruned model): use accelerate_configs/zero2.yaml or ddp.yaml; the pruned model is small enough."
         )
@@ -110,12 +115,12 @@ def resolve_checkpoint(training_args) -> str | None:
     if str(value).lower() in ("true", "last", "latest", "yes"):
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if last is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"resume_from_checkpoint={value}, but {output_dir} holds no checkpoint-* directory to resume from."
             )
         return last
     if not Path(value).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {value}.")
+        raise MissingInputError(f"resume_from_checkpoint: no checkpoint directory at {value}.")
     return str(value)
 
 
@@ -142,7 +147,7 @@ def sweep_point_dir(output_dir: str, pruning_args: PruningArguments, seed: int) 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (overwrite or resuming):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output_dir {output_dir} exists and is not empty: choose another output_dir, pass "
             "--overwrite_output_dir true to replace its results, or --resume_from_checkpoint true to resume its last "
             "checkpoint."
@@ -203,7 +208,7 @@ def check_routers_frozen(model, moe) -> None:
     routers = tuple(f"{layer.router_path}." for layer in moe.layers)
     trained = [name for name, p in model.named_parameters() if p.requires_grad and any(r in name for r in routers)]
     if trained:
-        raise ValueError(
+        raise ConfigurationError(
             f"freeze_router is set but router parameters are trainable ({trained[0]}, ...): with LoRA, choose "
             "lora_target_modules that leave the routers out (e.g. q_proj k_proj v_proj o_proj)."
         )
