@@ -35,7 +35,8 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import set_seed
 
 from moe_specialist import __version__
 from moe_specialist.architectures import find_moe, text_config
@@ -47,7 +48,7 @@ from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import pruned_model_card
 from moe_specialist.models import load_model_and_tokenizer
 from moe_specialist.plan import PLAN_FILE
-from moe_specialist.prune import save_pruned_model
+from moe_specialist.prune import load_pruned_model, save_pruned_model
 from moe_specialist.stats import RoutingStats
 from moe_specialist.training.callbacks import (
     PruningCallback,
@@ -106,21 +107,42 @@ def _zero_stage(training_args) -> int | None:
     return plugin.zero_stage if plugin is not None else None
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` directories in step order, leaving out any a killed run was still writing.
+
+    The Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a checkpoint without it is partial.
+    """
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit():
+            if (path / TRAINER_STATE_NAME).is_file():
+                found.append((int(step), path))
+            else:
+                logger.warning(
+                    "Skipping %s: it has no %s (a run was killed while saving it).", path, TRAINER_STATE_NAME
+                )
+    return [path for _, path in sorted(found)]
+
+
 def resolve_checkpoint(training_args) -> str | None:
-    """``resume_from_checkpoint``: unset/false -> None; true/last -> the last checkpoint-* of output_dir; a path."""
+    """``resume_from_checkpoint``: unset/false -> None; true/last -> the last complete checkpoint-*; a path."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
     output_dir = Path(training_args.output_dir)
     if str(value).lower() in ("true", "last", "latest", "yes"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
+        checkpoints = complete_checkpoints(output_dir) if output_dir.is_dir() else []
+        if not checkpoints:
             raise MissingInputError(
-                f"resume_from_checkpoint={value}, but {output_dir} holds no checkpoint-* directory to resume from."
+                f"resume_from_checkpoint={value}, but {output_dir} holds no complete checkpoint-* directory to resume "
+                "from: start the run again without resume_from_checkpoint (add --overwrite_output_dir true)."
             )
-        return last
-    if not Path(value).is_dir():
-        raise MissingInputError(f"resume_from_checkpoint: no checkpoint directory at {value}.")
+        return str(checkpoints[-1])
+    if not (Path(value) / TRAINER_STATE_NAME).is_file():
+        raise MissingInputError(
+            f"resume_from_checkpoint: {value} is not a complete checkpoint directory (no {TRAINER_STATE_NAME})."
+        )
     return str(value)
 
 
@@ -143,6 +165,25 @@ def sweep_point_dir(output_dir: str, pruning_args: PruningArguments, seed: int) 
         f"{pruning_args.pruning_criterion}-{pruning_args.pruning_allocation}-r{pruning_args.pruning_ratio:g}-s{seed}"
     )
     return str(Path(output_dir) / name)
+
+
+def restore_checkpoint_weights(model, checkpoint: str) -> bool:
+    """Load a full-model checkpoint into ``model`` exactly (strict), before the Trainer resumes from it.
+
+    Checkpoints are saved in the original key format (``experts.0.down_proj.weight``), while transformers 5 holds
+    fused expert tensors in memory; the Trainer's own resume loads the file with ``strict=False`` and without key
+    conversion, so the experts would silently keep their freshly pruned values. Loading the checkpoint through
+    :func:`load_pruned_model` converts the keys (one extra copy of the pruned model in host memory, briefly); the
+    Trainer's load that follows only rewrites the other tensors with the same values. LoRA checkpoints (adapters
+    only) are left to PEFT, and DeepSpeed restores its own engine state.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) or not any(Path(checkpoint).glob("model*.safetensors")):
+        return False
+    saved = load_pruned_model(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
+    model.load_state_dict(saved, strict=True)
+    return True
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
@@ -518,6 +559,10 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
             if evaluation is not None:
                 evaluation.evaluate("end")
         else:
+            if checkpoint is not None and restore_checkpoint_weights(trainer.model, checkpoint):
+                logger.info(
+                    "Restored the weights of %s (the Trainer's missing-keys warning that follows is moot).", checkpoint
+                )
             train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     trainer.save_state()  # trainer_state.json: the log history, eval_mt/... scores included
 
