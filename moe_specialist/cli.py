@@ -8,6 +8,8 @@
     moe-specialist sweep     --config RECIPE --ratios 0,0.25,0.5 [--criteria frequency,reap] [--sft_at 0.75]
 
 Every command but ``inspect`` also takes ``--config FILE.yaml`` (values there are defaults that flags override).
+Bad input is reported as one paragraph, ``moe-specialist <command>: error: ...``, with exit status 2; ``--debug``
+(or ``MOE_SPECIALIST_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
-
 from moe_specialist.configs import CalibrationArguments, GenerationArguments, PruningArguments
+from moe_specialist.entry import ArgumentParser, command_name, run_entry_point
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.io import atomic_write_json, prepare_output_dir
 
@@ -44,10 +46,25 @@ class OutputArguments:
     output: str = field(default="", metadata={"aliases": ["--output_dir"], "help": "Where to write the result."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
 
-    def checked(self) -> Path:
+    def checked(self, protected: tuple[str, ...] = ()) -> Path:
+        """The output path, refused before any compute when it exists, is an input, or cannot be written."""
         if not self.output:
             raise ConfigurationError("--output is required: say where to write the result.")
-        return prepare_output_dir(self.output, self.overwrite)
+        path = prepare_output_dir(self.output, self.overwrite, protected=protected)
+        check_writable(path.parent)
+        return path
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now rather than after the compute: create ``directory`` and a file in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot write to {directory} ({error.strerror or error}): choose an output in a writable directory."
+        ) from None
 
 
 @dataclass
@@ -72,27 +89,53 @@ class EvaluateArguments:
     data: str = field(default="bible", metadata={"help": "bible, flores_plus, wmt24pp or a local file."})
     pairs: str = field(default="en-fr,de-en", metadata={"help": "Comma-separated directions."})
     split: str = field(default="test")
+    target_files: None | str | list[str] = field(
+        default=None, metadata={"help": "Reference file(s) aligned line by line with a plain-text --data file."}
+    )
     limit: int | None = field(default=None, metadata={"help": "Examples per direction (a seeded sample)."})
     seed: int = field(default=0)
 
+    def __post_init__(self):
+        from moe_specialist.configs import check_field_types, check_minimum, split_list
+        from moe_specialist.data.sources import check_target_files
 
-def _parse(types, argv):
-    parser = TrlParser(types)
-    return parser.parse_args_and_config(args=argv)
+        check_field_types(self)
+        check_minimum(self, 1, "limit")
+        self.target_files = split_list(self.target_files)
+        check_target_files(self.data, self.target_files)
+
+
+@dataclass
+class InspectArguments:
+    json: bool = field(default=False, metadata={"help": "Print the description as JSON."})
+
+
+def _local_inputs(name: str) -> tuple[str, ...]:
+    """The model directory, when the model is local: an output may not replace or enter it."""
+    from moe_specialist.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    return (path,) if Path(path).is_dir() else ()
+
+
+def _parse(command: str, types, argv):
+    return ArgumentParser(types, prog=command_name(command)).parse(argv)
 
 
 def cmd_inspect(argv: list[str]) -> None:
-    from transformers import AutoConfig
-
-    from moe_specialist.models import resolve_model_path
+    from moe_specialist.models import load_config
     from moe_specialist.prune import structure_from_config
 
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: moe-specialist inspect MODEL [--json]")
-    path = resolve_model_path(argv[0])
-    moe = structure_from_config(AutoConfig.from_pretrained(path, trust_remote_code="--trust_remote_code" in argv))
-    report = describe(moe)
-    print(json.dumps(report, indent=2) if "--json" in argv else format_description(argv[0], report))
+    if argv and not argv[0].startswith("-"):  # MODEL may come first, as a positional argument
+        argv = ["--model", argv[0], *argv[1:]]
+    model_args, inspect_args = _parse("inspect", (ModelArguments, InspectArguments), argv)
+    config = load_config(model_args.model_name_or_path, model_args.model_revision, model_args.trust_remote_code)
+    report = describe(structure_from_config(config))
+    print(
+        json.dumps(report, indent=2)
+        if inspect_args.json
+        else format_description(model_args.model_name_or_path, report)
+    )
 
 
 def describe(moe) -> dict:
@@ -143,8 +186,10 @@ def cmd_calibrate(argv: list[str]) -> None:
     from moe_specialist.calibrate import statistics_for
     from moe_specialist.models import load_model_and_tokenizer
 
-    model_args, calibration, output = _parse((ModelArguments, CalibrationArguments, OutputArguments), argv)
-    path = output.checked()
+    model_args, calibration, output = _parse(
+        "calibrate", (ModelArguments, CalibrationArguments, OutputArguments), argv
+    )
+    path = output.checked(protected=_local_inputs(model_args.model_name_or_path))
     if path.suffix != ".safetensors":
         raise ConfigurationError(
             f"--output {path} must end in .safetensors (a readable .json summary is written next to it)."
@@ -172,24 +217,40 @@ def _distributed_state():
 
 
 def cmd_plan(argv: list[str]) -> None:
-    from transformers import AutoConfig
-
-    from moe_specialist.models import resolve_model_path
+    from moe_specialist.models import load_config
     from moe_specialist.plan import plan_for
     from moe_specialist.prune import structure_from_config
     from moe_specialist.stats import RoutingStats
 
     model_args, inputs, pruning, output = _parse(
-        (ModelArguments, PlanInputArguments, PruningArguments, OutputArguments), argv
+        "plan", (ModelArguments, PlanInputArguments, PruningArguments, OutputArguments), argv
     )
     path = output.checked()
-    moe = structure_from_config(AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path)))
     stats = RoutingStats.load(inputs.statistics) if inputs.statistics else None
+    name = model_args.model_name_or_path
+    moe = structure_from_config(load_config(name, model_args.model_revision, model_args.trust_remote_code))
+    if stats is not None:  # the model is on the meta device: its routers are read from the checkpoint's files
+        stats.validate_for(moe, checkpoint=local_checkpoint(name, model_args.model_revision))
     plan = plan_for(moe, stats, pruning)
     plan.metadata.setdefault("statistics", inputs.statistics or None)
     plan.save(path)
     kept = [len(ids) for ids in plan.kept_experts.values()]
     print(f"wrote {path}: {plan.metadata.get('actual_ratio')} of experts removed, kept per layer {kept}")
+
+
+def local_checkpoint(name: str, revision: str | None) -> str | None:
+    """The local directory of a model (the Hub cache for a Hub id, without downloading), or None."""
+    from moe_specialist.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception:  # not cached: huggingface_hub raises several types
+        return None
 
 
 def cmd_prune(argv: list[str]) -> None:
@@ -198,16 +259,16 @@ def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.plan import PLAN_FILE, PrunePlan
     from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
 
-    model_args, inputs, output = _parse((ModelArguments, PruneInputArguments, OutputArguments), argv)
-    path = output.checked()
+    model_args, inputs, output = _parse("prune", (ModelArguments, PruneInputArguments, OutputArguments), argv)
+    if inputs.mode not in ("disk", "memory", "auto"):
+        raise ConfigurationError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
     if not inputs.plan:
         raise ConfigurationError("--plan is required: a prune plan JSON from `moe-specialist plan`.")
     plan = PrunePlan.load(inputs.plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()
+    path = output.checked(protected=_local_inputs(source))
     mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
-    if mode not in ("disk", "memory"):
-        raise ConfigurationError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
     if mode == "disk":
         if not local:
             from huggingface_hub import snapshot_download
@@ -230,6 +291,7 @@ def cmd_prune(argv: list[str]) -> None:
             tokenizer,
             overwrite=output.overwrite,
             extra_files={"README.md": card, PLAN_FILE: json.dumps(plan.to_dict(), indent=2)},
+            protected=_local_inputs(source),
         )
     print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")
 
@@ -240,9 +302,9 @@ def cmd_evaluate(argv: list[str]) -> None:
     from moe_specialist.models import load_model_and_tokenizer
 
     model_args, evaluation, generation, output = _parse(
-        (ModelArguments, EvaluateArguments, GenerationArguments, OutputArguments), argv
+        "evaluate", (ModelArguments, EvaluateArguments, GenerationArguments, OutputArguments), argv
     )
-    path = output.checked() if output.output else None
+    path = output.checked(protected=_local_inputs(model_args.model_name_or_path)) if output.output else None
     examples = load_examples(
         evaluation.data, evaluation.pairs, evaluation.split, limit=evaluation.limit, seed=evaluation.seed
     )
@@ -293,10 +355,17 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else f"unknown command {argv[0]!r}")
-    COMMANDS[argv[0]](argv[1:])
+        return
+    if argv[0] not in COMMANDS:
+        print(
+            f"moe-specialist: error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (see "
+            "`moe-specialist --help`).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    run_entry_point(argv[0], COMMANDS[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +16,11 @@ DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``demo`` means the checkpoint shipped with this package; anything else is passed to transformers."""
+    """``demo`` means the checkpoint shipped with this package; anything else is passed to transformers.
+
+    A name that can only be a path (absolute, relative with ``./`` or ``../``, ``~``, or more than one ``/``) must
+    exist: otherwise transformers would report a missing directory as a failed Hub download.
+    """
     if name_or_path == DEMO:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise MissingInputError(
@@ -24,7 +29,26 @@ def resolve_model_path(name_or_path: str) -> str:
                 "moe_specialist.demo.export`."
             )
         return str(DEMO_MODEL_DIR)
+    looks_like_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise MissingInputError(f"No model at {name_or_path}: the directory does not exist. Check the path.")
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
+        raise MissingInputError(f"{name_or_path} is not a model directory: it has no config.json.")
     return name_or_path
+
+
+def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config; a name that is neither a local model nor a reachable Hub id is an expected error."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise MissingInputError(
+            f"Cannot load model {name_or_path!r}: it is not a local model directory, and the Hub did not give it"
+            f"{offline}. Check the path or the Hub id, the revision, your login (`hf auth login`) for gated models, "
+            f"and the network. ({str(error).splitlines()[0]})"
+        ) from None
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -57,7 +81,7 @@ def load_model_and_tokenizer(
     """
     path = resolve_model_path(name_or_path)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    config = load_config(name_or_path, revision, trust_remote_code)
     quantization = getattr(config, "quantization_config", None) or {}
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
     if str(method).lower().endswith("mxfp4"):

@@ -29,8 +29,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
+from moe_specialist.compat import original_key_names
 from moe_specialist.errors import ConfigurationError, MissingInputError
-from moe_specialist.io import atomic_path, atomic_write_json
+from moe_specialist.io import atomic_path, atomic_write_json, safe_child
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,44 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _router_weights(moe: MoEModel) -> list[tuple[str, torch.Tensor]]:
+    """(parameter name, tensor) of each MoE layer's router weight, in layer order."""
+    return [
+        next((t.path, t.tensor) for t in layer.tensors if t.module in set(layer.router.modules()))
+        for layer in moe.layers
+    ]
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def router_fingerprint(moe: MoEModel) -> str:
     """Hash of every router's weights: tells the model these statistics were collected on from a retrained one."""
-    digest = hashlib.sha256()
-    for layer in moe.layers:
-        weight = next(t.tensor for t in layer.tensors if t.module in set(layer.router.modules()))
-        digest.update(weight.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _fingerprint([tensor for _, tensor in _router_weights(moe)])
+
+
+def checkpoint_router_fingerprint(moe: MoEModel, checkpoint: str | Path) -> str:
+    """:func:`router_fingerprint` of the weights in a safetensors checkpoint, for a model built on the meta device.
+
+    Only the router tensors are read, whatever the checkpoint's size.
+    """
+    checkpoint = Path(checkpoint)
+    names = original_key_names(moe.model, [name for name, _ in _router_weights(moe)])
+    index = checkpoint / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    tensors = []
+    for name, original in names.items():
+        key = original if original in weight_map or not weight_map else name
+        shard = safe_child(checkpoint, weight_map.get(key, "model.safetensors"), f"shard of {key} in {index.name}")
+        with safe_open(str(shard), framework="pt") as f:
+            if key not in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                key = name  # a checkpoint saved in the in-memory format
+            tensors.append(f.get_tensor(key))
+    return _fingerprint(tensors)
 
 
 @dataclass
@@ -160,8 +192,12 @@ class RoutingStats:
             raise ConfigurationError(f"Unknown token role(s) {unknown}; roles are {list(ROLES)}.")
         return torch.tensor([ROLES.index(r) for r in roles])
 
-    def validate_for(self, moe: MoEModel) -> None:
-        """Refuse statistics collected on a model with a different MoE structure."""
+    def validate_for(self, moe: MoEModel, checkpoint: str | Path | None = None) -> None:
+        """Refuse statistics collected on a model with a different MoE structure or other router weights.
+
+        A model on the meta device has no weights: its routers are read from ``checkpoint`` (its directory) when
+        given, and the router check is skipped with a warning otherwise.
+        """
         if self.layers != moe.layer_indices or self.num_experts != [layer.num_experts for layer in moe.layers]:
             raise StatisticsMismatchError(
                 f"These statistics describe MoE layers {self.layers} with {self.num_experts} experts, but the model "
@@ -169,12 +205,20 @@ class RoutingStats:
                 f"{[layer.num_experts for layer in moe.layers]} experts: calibrate this model."
             )
         fingerprint = self.metadata.get("router_fingerprint")
-        if fingerprint and moe.model.device.type != "meta" and fingerprint != router_fingerprint(moe):
-            raise StatisticsMismatchError(
-                "These statistics were collected on a model with other router weights (same architecture, another "
-                "checkpoint, or the same one in another dtype): calibrate this model again, or delete the stale "
-                "statistics file."
-            )
+        if fingerprint:
+            if moe.model.device.type != "meta":
+                actual = router_fingerprint(moe)
+            elif checkpoint is not None:
+                actual = checkpoint_router_fingerprint(moe, checkpoint)
+            else:
+                actual = fingerprint
+                logger.warning("The model's weights are not at hand: the statistics' router weights are not checked.")
+            if actual != fingerprint:
+                raise StatisticsMismatchError(
+                    "These statistics were collected on a model with other router weights (same architecture, "
+                    "another checkpoint, or the same one in another dtype): calibrate this model again, or delete "
+                    "the stale statistics file."
+                )
         ours = self.metadata.get("config_hash")
         if ours and ours != config_hash(moe.model.config):
             logger.warning(

@@ -17,6 +17,7 @@ for every recipe and its accelerate config. Outputs in ``output_dir`` (an existi
 ``--overwrite_output_dir true`` or ``--resume_from_checkpoint true``): ``model/`` (the pruned, fine-tuned checkpoint
 with its model card and ``prune_plan.json``), ``results.json``, ``translations.json``, ``prune_plan.json``,
 ``trainer_state.json``, ``checkpoint-*/``, ``ranks/`` (each rank's expert shapes and checksums), ``wandb/``.
+Bad input is reported as ``moe-specialist train: error: ...`` (exit status 2); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
-from moe_specialist.training.configs import make_parser  # noqa: E402
-from moe_specialist.training.pipeline import run  # noqa: E402
+from moe_specialist.entry import run_entry_point  # noqa: E402
+from moe_specialist.training.pipeline import parse_recipe, run  # noqa: E402
 
 logger = logging.getLogger("moe_specialist")
 
@@ -83,7 +84,9 @@ def main(model_args, data_args, calibration_args, pruning_args, training_args) -
     return results
 
 
+def cli(argv: list[str]) -> None:
+    main(*parse_recipe(argv))
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    model_args, data_args, calibration_args, pruning_args, training_args = parser.parse_args_and_config()
-    main(model_args, data_args, calibration_args, pruning_args, training_args)
+    run_entry_point("train", cli, sys.argv[1:])

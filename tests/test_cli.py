@@ -15,7 +15,9 @@ from moe_specialist.stats import RoutingStats
 
 
 def run(*argv):
-    main([str(a) for a in argv])
+    """The command in process, with --debug: expected errors propagate as exceptions (tests/test_errors.py checks
+    what users see without it)."""
+    main([*(str(a) for a in argv), "--debug"])
 
 
 @pytest.fixture(scope="module")

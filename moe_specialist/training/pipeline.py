@@ -40,6 +40,7 @@ from transformers.trainer_utils import set_seed
 
 from moe_specialist import __version__
 from moe_specialist.architectures import find_moe, text_config
+from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments, check_calibration_data
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.data.sources import load_examples
@@ -196,25 +197,6 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
 
 
 # ---- model and data -------------------------------------------------------------------------------------------------
-@contextmanager
-def zero3_init_disabled():
-    """Load whole models even when a ZeRO-3 config is active (``zero3_init_flag: true``).
-
-    transformers enters ``deepspeed.zero.Init`` in ``from_pretrained`` whenever its global DeepSpeed config says
-    stage 3, which the ``SFTConfig`` sets up as soon as it is parsed; the model would then be partitioned before it
-    could be calibrated or pruned. transformers has no public switch for one call, so its reference is cleared and
-    restored around the load.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def load_model(model_args, training_args):
     """Model and tokenizer, whole on every rank (see :func:`zero3_init_disabled`)."""
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -272,6 +254,7 @@ def load_data(data_args: DataArguments, training_args: SFTConfig, need_eval: boo
             data_args.train_split,
             limit=data_args.max_train_examples,
             seed=data_args.dataset_seed,
+            target_files=data_args.dataset_target_files,
         )
         evaluation = (
             load_examples(
@@ -280,6 +263,7 @@ def load_data(data_args: DataArguments, training_args: SFTConfig, need_eval: boo
                 data_args.eval_split,
                 limit=data_args.max_eval_examples,
                 seed=data_args.dataset_seed,
+                target_files=data_args.eval_target_files,
             )
             if need_eval
             else {}
@@ -407,12 +391,17 @@ def recipe_config(model_args, data_args, calibration_args, pruning_args, trainin
 
 
 def wandb_summary(results: dict, pruning_args: PruningArguments) -> dict:
-    """The run summary (one row per run in the W&B runs table): pruning report and scores, from results.json."""
-    summary = {"pruning/ratio": pruning_args.pruning_ratio, "pruning/criterion": pruning_args.pruning_criterion}
+    """The run summary (one row per run in the W&B runs table): pruning report and scores, from results.json.
+
+    The ratios are the plan's target (``None`` for a hand-written plan) and the share actually removed; a run that
+    prunes nothing has neither.
+    """
+    summary = {"pruning/criterion": pruning_args.pruning_criterion}
     report = results["pruning"]
     if report is not None:
         summary |= {
-            "pruning/actual_ratio": report["pruning_ratio"],
+            "pruning/target_ratio": report["target_ratio"],
+            "pruning/actual_ratio": report["actual_ratio"],
             "pruning/experts_kept_per_layer": report["experts_after"],
             "pruning/top_k": report["top_k_after"],
             "pruning/params_total_before": report["parameters_before"]["total"],
@@ -618,6 +607,7 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
     }
     if pruned:
         results["pruning"] = {
+            "target_ratio": pruning.plan.metadata.get("target_ratio"),  # None for a hand-written plan
             **pruning.report.to_dict(),
             "uniform": pruning.report.uniform,
             "plan_file": str(output_dir / PLAN_FILE),
@@ -631,6 +621,7 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
 
 def parse_recipe(args: list[str] | None = None):
     """``(model_args, data_args, calibration_args, pruning_args, training_args)`` from ``--config FILE`` and flags."""
-    from moe_specialist.training.configs import make_parser
+    from moe_specialist.entry import ArgumentParser, command_name
+    from moe_specialist.training.configs import RECIPE_TYPES
 
-    return make_parser().parse_args_and_config(args=args)
+    return ArgumentParser(RECIPE_TYPES, prog=command_name("train")).parse(args)

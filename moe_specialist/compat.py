@@ -1,0 +1,45 @@
+"""Every use of a private transformers internal, in one place, each pinned by a test in tests/test_compat.py.
+
+When an upgrade moves one of these, that test fails with a message naming the internal, instead of a run going
+silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+from torch import nn
+
+
+def original_key_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The checkpoint (original-format) name of each in-memory parameter name, e.g. Mixtral's ``mlp.gate`` is saved
+    as ``block_sparse_moe.gate``. Only renamings are meaningful here; the model may be on the meta device.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = dict(model.named_parameters())
+    mapping = {}
+    for name in names:
+        (original,) = revert_weight_conversion(model, {name: params[name]}).keys()
+        mapping[name] = original
+    return mapping
+
+
+@contextmanager
+def zero3_init_disabled():
+    """Load whole models even when a ZeRO-3 config is active (``zero3_init_flag: true``).
+
+    transformers enters ``deepspeed.zero.Init`` in ``from_pretrained`` whenever its global DeepSpeed config says
+    stage 3, which the ``SFTConfig`` sets up as soon as it is parsed; the model would then be partitioned before it
+    could be calibrated or pruned. transformers has no public switch for one call, so its reference is cleared and
+    restored around the load.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
