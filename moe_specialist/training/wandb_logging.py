@@ -15,6 +15,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import PartialState
@@ -35,6 +38,36 @@ def _has_credentials() -> bool:
         return False
 
 
+SECRET_FLAG = re.compile(r"^--?[\w.-]*(token|api_key|password|secret)[\w.-]*$", re.IGNORECASE)
+
+
+def redact_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret flags (``--hub_token X``, ``--hub_token=X``) replaced by ``***``."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        flag, equals, _ = arg.partition("=")
+        if hide_next:
+            redacted.append("***")
+        elif equals and SECRET_FLAG.match(flag):
+            arg = f"{flag}=***"
+            redacted.append(arg)
+        else:
+            redacted.append(arg)
+        hide_next = not hide_next and not equals and bool(SECRET_FLAG.match(arg))
+    return redacted
+
+
+@contextmanager
+def _secrets_hidden_from_argv():
+    """W&B records ``sys.argv`` in the run's metadata: a ``--hub_token`` there would be uploaded verbatim."""
+    saved = sys.argv
+    sys.argv = redact_secrets(saved)
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def start_wandb_run(training_args, *, name: str, job_type: str, group: str | None, config: dict, directory):
     """A W&B run on rank 0 (None elsewhere, or when ``report_to`` lacks wandb), offline without credentials."""
     if not wandb_requested(training_args) or not PartialState().is_main_process:
@@ -46,17 +79,18 @@ def start_wandb_run(training_args, *, name: str, job_type: str, group: str | Non
         logger.warning("No W&B credentials: logging offline under %s/wandb (upload with `wandb sync`).", directory)
         os.environ["WANDB_MODE"] = "offline"
     directory.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        entity=training_args.wandb_entity,
-        project=training_args.wandb_project,
-        group=group,
-        job_type=job_type,
-        name=name,
-        tags=training_args.wandb_tags,
-        config=config,
-        dir=str(directory),
-        reinit="finish_previous",
-    )
+    with _secrets_hidden_from_argv():
+        run = wandb.init(
+            entity=training_args.wandb_entity,
+            project=training_args.wandb_project,
+            group=group,
+            job_type=job_type,
+            name=name,
+            tags=training_args.wandb_tags,
+            config=config,
+            dir=str(directory),
+            reinit="finish_previous",
+        )
     logger.info("W&B run %s (%s) in %s", run.name, run.id, run.dir)
     return run
 

@@ -1,0 +1,41 @@
+"""W&B runs never carry secrets: the command line W&B records in a run's metadata is redacted."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from moe_specialist.training.wandb_logging import redact_secrets, start_wandb_run
+
+
+def test_secret_flags_are_redacted_in_both_spellings():
+    argv = ["--hub_token", "hf_a", "--wandb_api_key=k", "--model", "demo", "--token", "--learning_rate", "1e-3"]
+    assert redact_secrets(argv) == [
+        "--hub_token", "***", "--wandb_api_key=***", "--model", "demo", "--token", "***", "1e-3",
+    ]  # fmt: skip
+
+
+def test_the_hub_token_does_not_reach_the_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--hub_token", "hf_SECRETVALUE", "--hub_token=hf_OTHERSECRET"])
+    args = SimpleNamespace(report_to=["wandb"], wandb_entity=None, wandb_project="p", wandb_tags=None)
+    run = start_wandb_run(args, name="n", job_type="j", group=None, config={}, directory=tmp_path)
+    assert run is not None and sys.argv[2] == "hf_SECRETVALUE"  # the process's own argv is left as it was
+    wandb.finish()
+    (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert b"--hub_token" in data and b"***" in data
+    assert b"SECRETVALUE" not in data and b"OTHERSECRET" not in data
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_run():
+    yield
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
