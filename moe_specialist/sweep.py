@@ -59,6 +59,33 @@ class SweepArguments:
     )
     heatmap_ratio: float = field(default=0.75, metadata={"help": "Ratio whose kept experts the heat map marks."})
 
+    def __post_init__(self):
+        """Refuse a bad grid when the arguments are parsed, before the sweep loads and calibrates the model."""
+        from moe_specialist.configs import PruningArguments, check_field_types, check_minimum
+
+        check_field_types(self)
+        check_minimum(self, 1, "random_seeds")
+        if not self.ratio_values:
+            raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
+        missing = [r for r in self.sft_ratio_values if r not in self.ratio_values]
+        if missing:
+            raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {self.ratio_values}.")
+        for method in [*(split_list(self.criteria) or []), *(split_list(self.sft_criteria) or [])]:
+            # only the method's own names: PruningArguments checks the recipe's allocation, which fills in the rest
+            split_method(method, PruningArguments.pruning_allocation)
+
+    @property
+    def ratio_values(self) -> list[float]:
+        from moe_specialist.configs import parse_ratios
+
+        return parse_ratios(self.ratios, "--ratios")
+
+    @property
+    def sft_ratio_values(self) -> list[float]:
+        from moe_specialist.configs import parse_ratios
+
+        return parse_ratios(self.sft_at, "--sft_at")
+
 
 def split_method(method: str, default_allocation: str) -> tuple[str, str]:
     """``criterion@allocation`` -> (criterion, allocation); a bare criterion takes the recipe's allocation."""
@@ -89,17 +116,12 @@ class Point:
 
 
 def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
-    ratios = [float(r) for r in split_list(args.ratios) or []]
-    if not ratios:
-        raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
+    """The grid of ratios x methods; ``args`` checked their own values when built (see SweepArguments)."""
+    ratios, sft_at = args.ratio_values, args.sft_ratio_values
     # always criterion@allocation: a point's id (and so its reuse on resume) names both
     criteria = [
         "@".join(split_method(m, default_allocation)) for m in split_list(args.criteria) or [default_criterion]
     ]
-    sft_at = [float(r) for r in split_list(args.sft_at) or []]
-    missing = [r for r in sft_at if r not in ratios]
-    if missing:
-        raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {ratios}.")
     sft_criteria = ["@".join(split_method(m, default_allocation)) for m in split_list(args.sft_criteria) or []]
     sft_criteria = sft_criteria or criteria[:1]
     unknown = [c for c in sft_criteria if c not in criteria]

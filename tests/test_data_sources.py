@@ -7,6 +7,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import GatedRepoError, HTTPError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -15,7 +17,14 @@ from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.files import read_parallel_file
 from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import format_prompt, sft_record
-from moe_specialist.data.sources import check_trainable, load_examples
+from moe_specialist.data.sources import (
+    DataSelection,
+    check_data_access,
+    check_trainable,
+    load_examples,
+    selections_overlap,
+)
+from moe_specialist.errors import ConfigurationError, MissingInputError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "files"
 EN, FR, DE, ZH = (get_language(c) for c in ("en", "fr", "de", "zh"))
@@ -245,7 +254,7 @@ def test_an_unknown_source_is_neither_built_in_nor_a_file():
 
 
 def test_file_options_only_apply_to_files():
-    with pytest.raises(TypeError, match="target_files only apply to local files"):
+    with pytest.raises(ValueError, match="target_files only apply to local files .* not to the bible source"):
         load_examples("bible", "en-fr", "test", target_files=["x.fr"])
 
 
@@ -309,8 +318,109 @@ def test_aligned_files_with_an_empty_line(tmp_path):
 def test_unknown_file_format(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("Hello.\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"Cannot tell the format of .*corpus.txt: name it \*.tsv or \*.jsonl"):
+    with pytest.raises(
+        ValueError, match=r"Cannot tell the format of .*corpus.txt: name it \*.tsv or \*.jsonl"
+    ) as error:
         read_parallel_file(path, (EN, FR))
+    for knob in ("calibration_target_files", "dataset_target_files", "eval_target_files", "--target_files"):
+        assert knob in str(error.value)
+
+
+# --- Overlap and access checks ---------------------------------------------------------------------------------------
+
+
+def test_selections_overlap_on_resolved_splits_and_shared_files(tmp_path):
+    assert selections_overlap(DataSelection("bible", "validation"), DataSelection("bible", "dev"))
+    assert selections_overlap(DataSelection("flores_plus", "test"), DataSelection("flores_plus", "devtest"))
+    assert not selections_overlap(DataSelection("bible", "train"), DataSelection("bible", "test"))
+    assert not selections_overlap(DataSelection("flores_plus", "dev"), DataSelection("bible", "dev"))
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("Hello.\tBonjour.\n", encoding="utf-8")
+    (tmp_path / "link.tsv").symlink_to(corpus)
+    local = DataSelection(str(corpus), "train")
+    assert selections_overlap(local, DataSelection(str(tmp_path / "link.tsv"), "test"))  # a file is its own split
+    assert selections_overlap(local, DataSelection(str(tmp_path / "*.tsv"), "dev"))
+    assert selections_overlap(DataSelection("x.en", "dev", ["x.fr"]), DataSelection("x.fr", "dev", ["x.en"]))
+    assert not selections_overlap(local, DataSelection(str(tmp_path / "other.tsv"), "train"))
+    assert not selections_overlap(local, DataSelection("bible", "train"))
+    assert str(DataSelection("x.en", "dev", ["x.fr", "x.2.fr"])) == "x.en + x.fr + x.2.fr"
+
+
+def test_local_data_access_checks_files_without_parsing_them(tmp_path):
+    check_data_access(str(FIXTURES / "parallel.tsv"), "en-fr", "any split")
+    check_data_access(str(FIXTURES / "*.jsonl"), "en-fr,de-en", "test")
+    check_data_access(str(FIXTURES / "aligned.en"), "en-fr", "test", [str(FIXTURES / "aligned.fr")])
+    (tmp_path / "broken.tsv").write_bytes(b"source\ttraget\n")  # a bad header fails only when read
+    check_data_access(str(tmp_path / "broken.tsv"), "en-fr", "test")
+
+
+@pytest.mark.parametrize(
+    ("source", "directions", "split", "target_files", "error", "message"),
+    [
+        ("nowhere/*.tsv", "en-fr", "test", None, MissingInputError, r"'nowhere/\*.tsv' is neither a built-in"),
+        ("aligned.en", "en-fr", "test", ["refs.fr"], MissingInputError, "Data file refs.fr does not exist"),
+        ("aligned.en", "en-fr", "test", None, ConfigurationError, "format of aligned.en.*calibration_target_files"),
+        ("aligned*", "en-fr", "test", ["aligned.fr"], ConfigurationError, "matches 3 files, but target_files"),
+        ("parallel.tsv", "en-xx", "test", None, ConfigurationError, "Cannot parse direction 'en-xx'"),
+        ("bible", "en-fr", "devtest", None, ConfigurationError, "bible has no split 'devtest'"),
+        ("bible", "en-nl", "test", None, ConfigurationError, "The Bible corpus has no translation in nld_Latn"),
+        ("bible", "en-fr", "test", ["refs.fr"], ConfigurationError, "target_files only apply to local files"),
+        ("wmt24pp", "de-en", "test", None, ConfigurationError, r"WMT24\+\+ is English->xx only"),
+    ],
+)
+def test_data_access_errors(monkeypatch, source, directions, split, target_files, error, message):
+    monkeypatch.chdir(FIXTURES)
+    with pytest.raises(error, match=message):
+        check_data_access(source, directions, split, target_files)
+
+
+def test_unreadable_files_are_refused(monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ConfigurationError, match=r"Cannot read .*parallel.tsv \(Permission denied\)"):
+        check_data_access(str(FIXTURES / "parallel.tsv"), "en-fr", "test")
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    return tmp_path
+
+
+def test_hub_data_access_offline_needs_every_config_cached(datasets_cache, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingInputError, match=r"flores_plus config\(s\) eng_Latn, fra_Latn are not in the datasets"):
+        check_data_access("flores_plus", "en-fr", "dev")
+    for config in ("eng_Latn", "fra_Latn"):
+        (datasets_cache / "openlanguagedata___flores_plus" / config).mkdir(parents=True)
+    check_data_access("flores_plus", "fr-en", "devtest")
+    with pytest.raises(MissingInputError, match=r"config\(s\) cmn_Hans are not in"):
+        check_data_access("flores_plus", "en-zh", "dev")
+
+
+def test_hub_data_access_online_asks_the_hub_for_uncached_data(datasets_cache, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def gated(self, repo_id, repo_type=None, **kwargs):
+        asked.append((repo_id, repo_type))
+        raise GatedRepoError.__new__(GatedRepoError)  # its constructor wants a real HTTP response
+
+    monkeypatch.setattr(HfApi, "auth_check", gated)
+    with pytest.raises(ConfigurationError, match="is gated .*accept its terms at https://huggingface.co/datasets/"):
+        check_data_access("flores_plus", "en-fr", "dev")
+    assert asked == [("openlanguagedata/flores_plus", "dataset")]
+
+    def unreachable(self, repo_id, repo_type=None, **kwargs):
+        raise HTTPError("connection refused")
+
+    monkeypatch.setattr(HfApi, "auth_check", unreachable)
+    with pytest.raises(MissingInputError, match=r"Cannot reach the Hub .*\(connection refused\).*en-fr_FR"):
+        check_data_access("wmt24pp", "en-fr", "test")
+    (datasets_cache / "google___wmt24pp" / "en-fr_FR").mkdir(parents=True)
+    check_data_access("wmt24pp", "en-fr", "test")  # cached: no request
 
 
 # --- Prompts ---------------------------------------------------------------------------------------------------------

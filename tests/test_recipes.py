@@ -166,10 +166,14 @@ def test_unknown_flag_fails():
         (["--mt_eval_max_new_tokens", "0"], "mt_eval_max_new_tokens must be positive"),
         (["--pruning_ratio", "1.0"], r"pruning_ratio must be in \[0, 1\)"),
         (["--dataset_name", "flores_plus"], "is a test set and must not be trained on"),
-        (["--max_train_examples", "0"], "max_train_examples must be a positive number"),
+        (["--max_train_examples", "0"], "max_train_examples must be positive, got 0"),
         (["--max_steps", "-3"], "max_steps must be -1"),
-        (["--eval_split", "train"], r"The eval data would be the SFT data \(bible, train\)"),
-        (["--dataset_name", "data/train.tsv"], r"The eval data would be the SFT data \(data/train.tsv"),
+        (["--eval_split", "train"], r"The eval data \(bible:train\) overlaps the SFT data \(bible:train\)"),
+        (["--train_split", "dev", "--eval_split", "validation"], r"The eval data \(bible:validation\) overlaps"),
+        (
+            ["--dataset_name", "data/train.tsv", "--eval_split", "test"],
+            r"\(data/train.tsv\) overlaps the SFT data \(data/train.tsv\): evaluate on other files",
+        ),
     ],
 )
 def test_invalid_values_fail_with_clear_errors(flags, error):

@@ -231,6 +231,21 @@ def _examples(
     return examples
 
 
+def check_file_format(path: Path, aligned: bool) -> None:
+    """A file's name must tell its format, unless it is a plain-text source read with its reference files."""
+    if not aligned and path.suffix not in (".tsv", ".jsonl"):
+        raise ConfigurationError(
+            f"Cannot tell the format of {path}: name it *.tsv or *.jsonl, or, for a plain-text source file, give "
+            "the reference file(s) aligned with it: calibration_target_files, dataset_target_files or "
+            "eval_target_files in a recipe, --target_files for `moe-specialist evaluate`."
+        )
+
+
+def reference_paths(target_files: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """The reference files of an aligned plain-text source: one path, several, or none."""
+    return [Path(target_files)] if isinstance(target_files, (str, Path)) else [Path(p) for p in target_files or []]
+
+
 def read_parallel_file(
     path: str | Path,
     direction: tuple[Language, Language] | None = None,
@@ -241,19 +256,13 @@ def read_parallel_file(
     ``direction`` gives the languages of records that do not name their own.
     """
     path = Path(path)
-    if isinstance(target_files, (str, Path)):
-        target_files = [target_files]
-    if not path.is_file():
-        raise MissingInputError(f"Data file {path} does not exist.")
-    if target_files:
-        records = _read_aligned(path, [Path(p) for p in target_files])
-    elif path.suffix == ".tsv":
-        records = _read_tsv(path)
-    elif path.suffix == ".jsonl":
-        records = _read_jsonl(path)
+    targets = reference_paths(target_files)
+    for file in (path, *targets):
+        if not file.is_file():
+            raise MissingInputError(f"Data file {file} does not exist.")
+    check_file_format(path, aligned=bool(targets))
+    if targets:
+        records = _read_aligned(path, targets)
     else:
-        raise ConfigurationError(
-            f"Cannot tell the format of {path}: name it *.tsv or *.jsonl, or pass target_files for a plain-text "
-            f"source file aligned with its reference file(s)."
-        )
+        records = _read_tsv(path) if path.suffix == ".tsv" else _read_jsonl(path)
     return _examples(path, records, direction)

@@ -16,6 +16,7 @@ exported before parsing. Everything a sweep varies (``pruning_ratio``, ``pruning
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -23,7 +24,14 @@ import torch
 import trl
 from trl import ModelConfig, TrlParser
 
-from moe_specialist.configs import CalibrationArguments, PruningArguments, split_list
+from moe_specialist.configs import (
+    TARGET_FILES_HELP,
+    CalibrationArguments,
+    PruningArguments,
+    check_field_types,
+    check_minimum,
+    split_list,
+)
 from moe_specialist.errors import ConfigurationError
 
 DEFAULT_CALLBACKS = ["expert_pruning", "translation_eval"]
@@ -41,6 +49,7 @@ class DataArguments:
     )
     train_directions: str = field(default="en-fr", metadata={"help": "Comma-separated directions, e.g. en-de,en-ja."})
     train_split: str = field(default="train")
+    dataset_target_files: None | str | list[str] = field(default=None, metadata={"help": TARGET_FILES_HELP})
     max_train_examples: int | None = field(
         default=None, metadata={"help": "Examples per direction (a seeded sample)."}
     )
@@ -49,30 +58,36 @@ class DataArguments:
     )
     eval_directions: str | None = field(default=None, metadata={"help": "Default: train_directions."})
     eval_split: str = field(default="dev", metadata={"help": "dev for monitoring; report on devtest/test afterwards."})
+    eval_target_files: None | str | list[str] = field(default=None, metadata={"help": TARGET_FILES_HELP})
     max_eval_examples: int | None = field(default=100, metadata={"help": "Examples per direction (a seeded sample)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the train/eval samples (not of training)."})
 
     def __post_init__(self):
-        from moe_specialist.data.sources import SPLIT_NAMES, check_trainable
+        from moe_specialist.data.sources import DataSelection, check_target_files, check_trainable, selections_overlap
 
+        check_field_types(self)
         check_trainable(self.dataset_name)
         self.eval_dataset_name = self.eval_dataset_name or self.dataset_name
         self.eval_directions = self.eval_directions or self.train_directions
-        local = self.dataset_name not in SPLIT_NAMES  # a local file is its own split
-        if self.eval_dataset_name == self.dataset_name and (local or self.eval_split == self.train_split):
+        self.dataset_target_files = split_list(self.dataset_target_files)
+        self.eval_target_files = split_list(self.eval_target_files)
+        check_target_files(self.dataset_name, self.dataset_target_files, "dataset_target_files")
+        check_target_files(self.eval_dataset_name, self.eval_target_files, "eval_target_files")
+        trained = DataSelection(self.dataset_name, self.train_split, self.dataset_target_files)
+        evaluated = DataSelection(self.eval_dataset_name, self.eval_split, self.eval_target_files)
+        if selections_overlap(trained, evaluated):
+            fix = (
+                "other files (eval_dataset_name, eval_target_files)"
+                if trained.local
+                else "another split (eval_split: dev) or another source (eval_dataset_name)"
+            )
             raise ConfigurationError(
-                f"The eval data would be the SFT data ({self.dataset_name}, {self.train_split}): evaluate on another "
-                "split (eval_split: dev) or another source (eval_dataset_name)."
+                f"The eval data ({evaluated}) overlaps the SFT data ({trained}): evaluate on {fix}."
             )
         for name in ("train_directions", "eval_directions"):
             if not split_list(getattr(self, name)):
                 raise ConfigurationError(f"{name} is empty: give at least one direction such as en-fr.")
-        for name in ("max_train_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigurationError(
-                    f"{name} must be a positive number of examples per direction (or null), got {value}."
-                )
+        check_minimum(self, 1, "max_train_examples", "max_eval_examples")
 
 
 @dataclass
@@ -121,6 +136,7 @@ class SFTConfig(trl.SFTConfig):
     freeze_router: bool = field(default=False, metadata={"help": "Keep the routers fixed (train everything else)."})
 
     def __post_init__(self):
+        check_field_types(self, inspect.get_annotations(SFTConfig))  # the inherited fields are transformers' to check
         if not _accelerator_visible() and _fsdp_launch():
             raise ConfigurationError(
                 "An FSDP launch without a GPU: accelerate runs FSDP on GPUs only and would silently fall back to "
@@ -143,12 +159,8 @@ class SFTConfig(trl.SFTConfig):
         check_callback_names(self.callbacks)
         if self.train_router_only and self.freeze_router:
             raise ConfigurationError("train_router_only and freeze_router contradict each other: choose one.")
-        for name in ("mt_eval_max_new_tokens", "mt_eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigurationError(f"{name} must be positive, got {getattr(self, name)}.")
-        for name in ("mt_eval_no_repeat_ngram_size", "mt_eval_num_samples_table"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        check_minimum(self, 1, "mt_eval_max_new_tokens", "mt_eval_batch_size")
+        check_minimum(self, 0, "mt_eval_no_repeat_ngram_size", "mt_eval_num_samples_table")
         if self.max_steps < -1:
             raise ConfigurationError(
                 f"max_steps must be -1 (use num_train_epochs), 0 (prune only) or positive, got {self.max_steps}."
