@@ -15,10 +15,10 @@ key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with e
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,14 @@ from moe_specialist.architectures import (
     text_config,
 )
 from moe_specialist.errors import ConfigurationError, MissingInputError
-from moe_specialist.io import atomic_write_json, atomic_write_text, staging_dir
+from moe_specialist.io import (
+    INDEX_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    read_weight_map,
+    safe_child,
+    staging_dir,
+)
 from moe_specialist.model_card import pruned_model_card, summarize_moe
 from moe_specialist.plan import PLAN_FILE, PrunePlan
 
@@ -231,12 +238,14 @@ def save_pruned_model(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
     state_dict: dict | None = None,
+    protected: Iterable[str | Path] = (),
 ) -> Path:
     """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too).
 
     ``state_dict`` replaces the model's own tensors (e.g. the gathered weights of a DeepSpeed ZeRO-3 model).
+    ``protected`` are paths the output may not be, contain or lie inside (the checkpoint the model was loaded from).
     """
-    with staging_dir(output_dir, overwrite) as tmp:
+    with staging_dir(output_dir, overwrite, protected) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -281,12 +290,18 @@ SNAPSHOT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json",
 
 
 def _shard_files(path: Path) -> list[str]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    """The shard names of the checkpoint in ``path``, unchecked as paths (see :func:`safe_child`)."""
+    weight_map = read_weight_map(path)
+    if weight_map:
+        return sorted(set(weight_map.values()))
     if (path / "model.safetensors").is_file():
         return ["model.safetensors"]
     raise MissingInputError(f"No safetensors checkpoint in {path} (model.safetensors or its index).")
+
+
+def _input_and_output(model_dir: Path, staging: Path, name: str, what: str) -> tuple[Path, Path]:
+    """The paths of an untrusted file name (read from the checkpoint) in the source and in the staging directory."""
+    return safe_child(model_dir, name, what), safe_child(staging, name, what)
 
 
 def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]):
@@ -319,7 +334,11 @@ def prune_checkpoint(
     overwrite: bool = False,
     source_name: str | None = None,
 ) -> dict:
-    """Rewrite a safetensors checkpoint shard by shard (peak memory about one shard), with config, plan and card."""
+    """Rewrite a safetensors checkpoint shard by shard (peak memory about one shard), with config, plan and card.
+
+    The output may not be, contain or lie inside ``model_dir``. Every file name read from the checkpoint goes through
+    :func:`safe_child`: checkpoints come from the internet.
+    """
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     meta_moe = structure_from_config(config)
@@ -328,11 +347,12 @@ def prune_checkpoint(
     after = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in counts.items()}
     weight_map: dict[str, str] = {}
     total_size = 0
-    with staging_dir(output_dir, overwrite) as tmp:
+    with staging_dir(output_dir, overwrite, protected=[model_dir]) as tmp:
         for shard in _shard_files(model_dir):
+            source, target = _input_and_output(model_dir, tmp, shard, f"shard name in {model_dir / INDEX_FILE}")
             out: dict[str, torch.Tensor] = {}
             try:
-                with safe_open(str(model_dir / shard), framework="pt") as f:
+                with safe_open(str(source), framework="pt") as f:
                     metadata = f.metadata() or {}
                     for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         shape = list(f.get_slice(key).get_shape())
@@ -344,17 +364,17 @@ def prune_checkpoint(
                 if isinstance(error, ValueError) and "dimension" in str(error):
                     raise
                 raise ConfigurationError(
-                    f"Cannot read {model_dir / shard}: truncated or corrupt safetensors ({error})."
+                    f"Cannot read {source}: truncated or corrupt safetensors ({error})."
                 ) from error
-            save_file(out, str(tmp / shard), metadata={**metadata, "format": metadata.get("format", "pt")})
+            save_file(out, str(target), metadata={**metadata, "format": metadata.get("format", "pt")})
             for key, tensor in out.items():
                 weight_map[key] = shard
                 total_size += tensor.numel() * tensor.element_size()
             del out
-        if (model_dir / "model.safetensors.index.json").is_file():
+        if (model_dir / INDEX_FILE).is_file():
             atomic_write_json(
                 {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
-                tmp / "model.safetensors.index.json",
+                tmp / INDEX_FILE,
             )
         new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
         update_config(config, after, new_top_k)
@@ -368,7 +388,7 @@ def prune_checkpoint(
         )
         for item in model_dir.iterdir():
             if item.is_file() and any(fnmatch.fnmatch(item.name, pattern) for pattern in COMPANION_FILES):
-                shutil.copy2(item, tmp / item.name)
+                shutil.copy2(*_input_and_output(model_dir, tmp, item.name, f"file in {model_dir}"))
         plan.save(tmp / PLAN_FILE)
         atomic_write_text(card, tmp / "README.md")
     return {"experts_before": counts, "experts_after": after, "total_size": total_size}

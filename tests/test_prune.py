@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moe_specialist.architectures import find_moe
+from moe_specialist.cli import main as cli_main
+from moe_specialist.errors import ConfigurationError
+from moe_specialist.io import read_weight_map
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
 from moe_specialist.stats import RoutingCollector
+from tests.test_io import umask
 from tests.tiny_models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -258,3 +269,91 @@ def test_routers_with_extra_rows_are_refused():
     model.model.layers[0].mlp.gate.weight = nn.Parameter(torch.zeros(9, 64))
     with pytest.raises(UnsupportedArchitectureError, match="has 9 rows for 8 experts"):
         find_moe(model)
+
+
+@pytest.mark.parametrize(
+    ("output", "relation"), [("original", "is"), (".", "contains"), ("original/pruned", "is inside")]
+)
+def test_pruning_never_overwrites_or_writes_into_the_source(tmp_path, output, relation):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "original")
+    (tmp_path / "sibling.txt").write_text("kept")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    message = re.escape(f"The output {tmp_path / output} {relation} the input {tmp_path / 'original'}: writing")
+    with pytest.raises(ConfigurationError, match=message):
+        prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / output, overwrite=True)
+    with pytest.raises(ConfigurationError, match=message):
+        save_pruned_model(model, tmp_path / output, overwrite=True, protected=[tmp_path / "original"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_pruned_files_follow_the_umask(tmp_path):
+    """safetensors writes each shard as a 0600 temporary file of its own; copies keep their source's mode."""
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "original", max_shard_size="200KB")
+    (tmp_path / "original" / "tokenizer.json").write_text("{}")
+    (tmp_path / "original" / "tokenizer.json").chmod(0o600)
+    prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()}
+    assert len([name for name in modes if name.endswith(".safetensors")]) > 1 and "tokenizer.json" in modes
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask()))
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask()
+
+
+# The killed run is the CLI with each shard's write followed by a pause, so that the kill lands mid-prune however
+# fast the disk is (200 MB prune in 0.3 s here: a race without it).
+THROTTLED_CLI = """
+import time
+import moe_specialist.prune as prune
+from moe_specialist.cli import main
+
+def save_then_pause(*args, **kwargs):
+    save_file(*args, **kwargs)
+    time.sleep(0.5)
+
+save_file, prune.save_file = prune.save_file, save_then_pause
+main()
+"""
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {key: t for shard in sorted(path.glob("*.safetensors")) for key, t in load_file(shard).items()}
+
+
+@pytest.mark.slow
+def test_a_killed_on_disk_prune_leaves_no_output_and_the_rerun_cleans_up(tmp_path):
+    model = tiny_model("qwen3_moe", moe_intermediate_size=1024)  # 26 MB in 6 shards
+    model.save_pretrained(tmp_path / "original", max_shard_size="5MB")
+    plan = uniform_plan(model)
+    plan.save(tmp_path / "plan.json")
+    shards = sorted(read_weight_map(tmp_path / "original").values())
+    first_shard = shards[0]
+    assert len(set(shards)) == 6
+    arguments = ["prune", "--model", tmp_path / "original", "--plan", tmp_path / "plan.json"]
+    arguments = [str(a) for a in (*arguments, "--output", tmp_path / "out", "--mode", "disk")]
+
+    def staged() -> list[Path]:
+        return [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+    with (tmp_path / "killed.log").open("w") as log:
+        killed = subprocess.Popen([sys.executable, "-c", THROTTLED_CLI, *arguments], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not any((staging / first_shard).is_file() for staging in staged()):
+            assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.01)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
+    [stale] = staged()
+    assert stale.name.startswith(f".out.{killed.pid}@") and (stale / first_shard).is_file()
+
+    cli_main(arguments)  # the same command, in this process (a second interpreter start costs seconds)
+    assert staged() == []
+    prune_checkpoint(tmp_path / "original", plan, tmp_path / "reference")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "reference"))
+    assert read_weight_map(tmp_path / "out") == read_weight_map(tmp_path / "reference")
+    resumed, reference = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(tmp_path / "reference")
+    assert len(resumed) > 100 and resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)
