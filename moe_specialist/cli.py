@@ -110,14 +110,6 @@ class InspectArguments:
     json: bool = field(default=False, metadata={"help": "Print the description as JSON."})
 
 
-def _local_inputs(name: str) -> tuple[str, ...]:
-    """The model directory, when the model is local: an output may not replace or enter it."""
-    from moe_specialist.models import resolve_model_path
-
-    path = resolve_model_path(name)
-    return (path,) if Path(path).is_dir() else ()
-
-
 def _parse(command: str, types, argv):
     return ArgumentParser(types, prog=command_name(command)).parse(argv)
 
@@ -184,12 +176,13 @@ def format_description(name: str, report: dict) -> str:
 
 def cmd_calibrate(argv: list[str]) -> None:
     from moe_specialist.calibrate import statistics_for
-    from moe_specialist.models import load_model_and_tokenizer
+    from moe_specialist.data.sources import check_data_access
+    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
 
     model_args, calibration, output = _parse(
         "calibrate", (ModelArguments, CalibrationArguments, OutputArguments), argv
     )
-    path = output.checked(protected=_local_inputs(model_args.model_name_or_path))
+    path = output.checked(protected=local_model_dirs(model_args.model_name_or_path))
     if path.suffix != ".safetensors":
         raise ConfigurationError(
             f"--output {path} must end in .safetensors (a readable .json summary is written next to it)."
@@ -197,6 +190,12 @@ def cmd_calibrate(argv: list[str]) -> None:
     if calibration.statistics_file and Path(calibration.statistics_file) != path:
         raise ConfigurationError("calibrate writes --output; --statistics_file is for recipes that reuse statistics.")
     calibration.statistics_file = str(path)
+    check_data_access(
+        calibration.calibration_dataset,
+        calibration.calibration_directions,
+        calibration.calibration_split,
+        calibration.calibration_target_files,
+    )
     state = _distributed_state()
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
@@ -255,7 +254,7 @@ def local_checkpoint(name: str, revision: str | None) -> str | None:
 
 def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
-    from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
+    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs, resolve_model_path
     from moe_specialist.plan import PLAN_FILE, PrunePlan
     from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
 
@@ -267,7 +266,7 @@ def cmd_prune(argv: list[str]) -> None:
     plan = PrunePlan.load(inputs.plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()
-    path = output.checked(protected=_local_inputs(source))
+    path = output.checked(protected=local_model_dirs(source))
     mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
     if mode == "disk":
         if not local:
@@ -291,7 +290,7 @@ def cmd_prune(argv: list[str]) -> None:
             tokenizer,
             overwrite=output.overwrite,
             extra_files={"README.md": card, PLAN_FILE: json.dumps(plan.to_dict(), indent=2)},
-            protected=_local_inputs(source),
+            protected=local_model_dirs(source),
         )
     print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")
 
@@ -299,14 +298,19 @@ def cmd_prune(argv: list[str]) -> None:
 def cmd_evaluate(argv: list[str]) -> None:
     from moe_specialist.data.sources import load_examples
     from moe_specialist.evaluate import evaluate_translations, summary_line
-    from moe_specialist.models import load_model_and_tokenizer
+    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
 
     model_args, evaluation, generation, output = _parse(
         "evaluate", (ModelArguments, EvaluateArguments, GenerationArguments, OutputArguments), argv
     )
-    path = output.checked(protected=_local_inputs(model_args.model_name_or_path)) if output.output else None
+    path = output.checked(protected=local_model_dirs(model_args.model_name_or_path)) if output.output else None
     examples = load_examples(
-        evaluation.data, evaluation.pairs, evaluation.split, limit=evaluation.limit, seed=evaluation.seed
+        evaluation.data,
+        evaluation.pairs,
+        evaluation.split,
+        limit=evaluation.limit,
+        seed=evaluation.seed,
+        target_files=evaluation.target_files,
     )
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,

@@ -37,6 +37,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def local_model_dirs(name_or_path: str) -> tuple[str, ...]:
+    """The model's directory when it is local (demo included): outputs may not replace, contain or enter it."""
+    path = resolve_model_path(name_or_path)
+    return (path,) if Path(path).is_dir() else ()
+
+
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's config; a name that is neither a local model nor a reachable Hub id is an expected error."""
     path = resolve_model_path(name_or_path)
