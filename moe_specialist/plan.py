@@ -1,8 +1,14 @@
 """Which experts to keep: score experts (a *criterion*), spread a budget over layers (an *allocation*), write a plan.
 
 A :class:`PrunePlan` is the one artefact every later step replays: ``{"kept_experts": {"<decoder layer>": [ids]}}``
-plus metadata. It can be written by hand, replayed on the same or a sibling checkpoint, and layers it does not list
-are left untouched.
+plus metadata. It can be written by hand, replayed on the same or a sibling checkpoint (one of another architecture
+is refused), and layers it does not list are left untouched.
+
+Budgets are exact: a plan for ratio ``r`` keeps ``round(total * (1 - r))`` experts, the ratio in whole experts,
+whatever the allocation and however many experts each layer has. Each layer keeps whole *units* (one expert per
+routing group under group-limited routing, so every group keeps the same count) and at least what top-k and
+group-limited routing need. A ratio no such per-layer counts add up to is refused, with the nearest ratios that
+can be met, rather than met approximately.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -103,12 +110,55 @@ def score_experts(stats: RoutingStats, criterion: str, groups=None, roles=None, 
 # ---- allocations: how many experts each layer keeps -----------------------------------------------------------------
 @dataclass
 class Budget:
+    """What an allocation must meet: exactly ``keep_total`` experts, each layer a count from :meth:`counts`.
+
+    A budget no choice of per-layer counts adds up to is refused when it is made, naming the nearest that can be met,
+    so that no allocation ever lands on another ratio than the one asked for.
+    """
+
     num_experts: list[int]  # per MoE layer
     keep_total: int
-    min_keep: int  # per layer: top-k (or the lowered top-k)
+    min_keep: int  # per layer: top-k (or the lowered top-k), and what group-limited routing needs
     n_group: int = 1
     min_per_group: int = 1
     layer_costs: torch.Tensor | None = None  # [layer, count]: loss increase when the layer alone keeps ``count``
+
+    def __post_init__(self) -> None:
+        if self.keep_total not in self.totals():
+            raise self._unreachable()
+
+    def counts(self, position: int) -> range:
+        """The counts a layer may keep: whole units (one expert per routing group), from the fewest top-k and
+        group-limited routing need up to all its experts."""
+        n, step = self.num_experts[position], self.n_group
+        fewest = max(self.min_keep, self.min_per_group * step)
+        return range(min(n, math.ceil(fewest / step) * step), n + 1, step)
+
+    def totals(self) -> range:
+        """Every total some choice of per-layer counts adds up to (every layer steps by ``n_group``)."""
+        fewest = sum(self.counts(position).start for position in range(len(self.num_experts)))
+        return range(fewest, sum(self.num_experts) + 1, self.n_group)
+
+    def _unreachable(self) -> ConfigurationError:
+        total, keep, totals = sum(self.num_experts), self.keep_total, self.totals()
+        if keep < totals.start:
+            groups = f" and {self.min_per_group} in each of {self.n_group} routing groups" if self.n_group > 1 else ""
+            reason = f"every MoE layer keeps at least top-k experts{groups}, {totals.start} in all"
+        elif keep > total:
+            reason = "that is more than there are"
+        else:
+            reason = (
+                f"group-limited routing (n_group={self.n_group}) needs the same count in every group, so each layer "
+                f"keeps a multiple of {self.n_group}"
+            )
+        nearest = [(t, "below") for t in totals if t > keep][:1] + [(t, "above") for t in totals if t < keep][-1:]
+        options = " and ".join(f"{1 - t / total:.6g} {side} (keeps {t})" for t, side in nearest)
+        lower_top_k = "; or lower top-k explicitly (--pruning_top_k)" if keep < totals.start else ""
+        return ConfigurationError(
+            f"Keeping {keep} of the {total} routed experts (pruning ratio {1 - keep / total:.6g} in whole experts) is "
+            f"not possible: {reason}. The nearest pruning ratio{'s' * (len(nearest) > 1)} that can be met exactly: "
+            f"{options}{lower_top_k}."
+        )
 
 
 # Measures ``Budget.layer_costs`` for experts ranked by the given scores (see moe_specialist.sensitivity).
@@ -125,42 +175,70 @@ def _shares(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, shifted / total.clamp_min(1e-300), uniform)
 
 
-def allocate_uniform(scores: torch.Tensor, budget: Budget) -> list[int]:
-    ratio = budget.keep_total / sum(budget.num_experts)
-    return [max(budget.min_keep, min(n, round(n * ratio))) for n in budget.num_experts]
+def _fewest(budget: Budget) -> list[int]:
+    return [budget.counts(position).start for position in range(len(budget.num_experts))]
 
 
-def _greedy_fill(shares: torch.Tensor, counts: list[int], budget: Budget) -> list[int]:
-    """Give the remaining slots to the highest normalised shares not yet kept, across all layers."""
-    counts = list(counts)
-    candidates = []
+def _unit_values(scores: torch.Tensor, budget: Budget) -> list[list[float]]:
+    """Per layer, the normalised score each further unit adds: the sum over groups of the u-th best share of each
+    group, which is what :func:`select_experts` keeps. Never increasing along a layer."""
+    shares = _shares(scores)
+    values = []
     for position, n in enumerate(budget.num_experts):
-        ordered = shares[position, :n].sort(descending=True).values.tolist()
-        candidates += [(value, position, rank) for rank, value in enumerate(ordered) if rank >= counts[position]]
+        blocks = shares[position, :n].reshape(budget.n_group, n // budget.n_group)
+        values.append(blocks.sort(dim=1, descending=True).values.sum(0).tolist())
+    return values
+
+
+def _fill(values: list[list], counts: list[int], budget: Budget) -> list[int]:
+    """Add the most valuable units left, across all layers, to ``counts`` until exactly ``keep_total`` are kept.
+
+    ``values[i][u]`` is what layer i's (u+1)-th unit is worth; as it never increases along a layer, the best units
+    overall are a run of next units in each layer. Ties go to the earlier layer.
+    """
+    step = budget.n_group
+    candidates = [
+        (value, position, unit)
+        for position, layer_values in enumerate(values)
+        for unit, value in enumerate(layer_values)
+        if unit >= counts[position] // step
+    ]
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-    remaining = budget.keep_total - sum(counts)
-    for _, position, rank in candidates[: max(0, remaining)]:
-        # candidates are sorted by share, so each layer's slots come in its own rank order
-        assert rank == counts[position]
-        counts[position] += 1
+    counts = list(counts)
+    for _, position, _ in candidates[: (budget.keep_total - sum(counts)) // step]:
+        counts[position] += step
     return counts
 
 
+def allocate_uniform(scores: torch.Tensor, budget: Budget) -> list[int]:
+    """The same share of every layer's experts, as nearly as whole units allow.
+
+    Webster's rounding: each further unit goes to the layer whose share, counting half of that unit, is lowest, so
+    layers of one size keep one count whenever the budget divides evenly, and the first ones keep a unit more when
+    it does not; layers of other sizes keep the same share, not the same count.
+    """
+    values = []
+    for n in budget.num_experts:
+        units = n // budget.n_group
+        values.append([-Fraction(2 * u + 1, 2 * units) for u in range(units)])
+    return _fill(values, _fewest(budget), budget)
+
+
 def allocate_global(scores: torch.Tensor, budget: Budget) -> list[int]:
-    """One ranking across layers after per-layer normalisation; every layer keeps at least ``min_keep``."""
-    shares = _shares(scores)
-    return _greedy_fill(shares, [min(budget.min_keep, n) for n in budget.num_experts], budget)
+    """One ranking across layers after per-layer normalisation; every layer keeps at least its fewest."""
+    return _fill(_unit_values(scores, budget), _fewest(budget), budget)
 
 
 def allocate_coverage(scores: torch.Tensor, budget: Budget) -> list[int]:
-    """Each layer keeps the fewest experts holding a share ``p`` of its mass; ``p`` found by bisection."""
-    shares = _shares(scores)
-    cumulative = [shares[i, :n].sort(descending=True).values.cumsum(0) for i, n in enumerate(budget.num_experts)]
+    """Each layer keeps the fewest units holding a share ``p`` of its mass; ``p`` found by bisection."""
+    values = _unit_values(scores, budget)
+    cumulative = [torch.tensor(v, dtype=torch.float64).cumsum(0) for v in values]
+    fewest = _fewest(budget)
 
     def counts_at(p: float) -> list[int]:
         return [
-            max(budget.min_keep, min(n, int((cum < p - 1e-12).sum().item()) + 1))
-            for cum, n in zip(cumulative, budget.num_experts, strict=False)
+            max(low, min(len(cum), int((cum < p - 1e-12).sum().item()) + 1) * budget.n_group)
+            for cum, low in zip(cumulative, fewest, strict=True)
         ]
 
     low, high = 0.0, 1.0
@@ -170,7 +248,7 @@ def allocate_coverage(scores: torch.Tensor, budget: Budget) -> list[int]:
             low = middle
         else:
             high = middle
-    return _greedy_fill(shares, counts_at(low), budget)
+    return _fill(values, counts_at(low), budget)
 
 
 def allocate_sensitivity(scores: torch.Tensor, budget: Budget) -> list[int]:
@@ -189,10 +267,12 @@ def allocate_sensitivity(scores: torch.Tensor, budget: Budget) -> list[int]:
     best = torch.full((size,), math.inf, dtype=torch.float64)  # best[t]: least cost of the layers so far keeping t
     best[0] = 0.0
     choices = []
-    for position, n in enumerate(budget.num_experts):
+    for position in range(len(budget.num_experts)):
         step = torch.full((size,), math.inf, dtype=torch.float64)
         choice = torch.zeros(size, dtype=torch.long)
-        for count in range(min(budget.min_keep, n), min(n, budget.keep_total) + 1):
+        for count in budget.counts(position):
+            if count >= size:
+                break
             candidate = torch.full((size,), math.inf, dtype=torch.float64)
             candidate[count:] = best[: size - count] + float(costs[position, count])
             better = candidate < step
@@ -200,8 +280,12 @@ def allocate_sensitivity(scores: torch.Tensor, budget: Budget) -> list[int]:
             choice = torch.where(better, torch.full_like(choice, count), choice)
         best = step
         choices.append(choice)
-    reachable = torch.isfinite(best).nonzero().flatten()
-    kept = int(reachable.max())  # the whole budget when it can be met exactly
+    if math.isinf(best[budget.keep_total]):
+        raise ConfigurationError(
+            f"The measured layer costs price no per-layer counts that add up to {budget.keep_total} experts (counts "
+            "without a cost are infinite): measure the counts the budget allows."
+        )
+    kept = budget.keep_total
     counts = []
     for choice in reversed(choices):
         counts.append(int(choice[kept]))
@@ -221,6 +305,9 @@ PLAN_FILE = "prune_plan.json"  # the plan's name next to every checkpoint, run a
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------------
+ARCHITECTURE_KEYS = ("model_type", "architecture")  # what a plan records of the model it was made for
+
+
 @dataclass
 class PrunePlan:
     kept_experts: dict[int, list[int]]
@@ -239,23 +326,28 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> PrunePlan:
-        if not isinstance(data, dict) or "kept_experts" not in data:
-            raise ConfigurationError(f"{source} is not a prune plan: it needs a 'kept_experts' mapping.")
+        if not isinstance(data, dict) or not isinstance(data.get("kept_experts"), dict):
+            raise ConfigurationError(
+                f'{source} is not a prune plan: it needs a "kept_experts" mapping from decoder-layer index to the '
+                'expert ids kept, e.g. {"kept_experts": {"0": [1, 4, 7]}}.'
+            )
         kept = {}
         for layer, ids in data["kept_experts"].items():
-            try:
-                index = int(layer)
-            except ValueError:
-                raise ConfigurationError(f"{source}: layer key {layer!r} is not a decoder-layer index.") from None
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise ConfigurationError(f"{source}: layer {layer} must map to a list of expert ids (integers).")
+            if not (_is_integer(layer) or (isinstance(layer, str) and layer.isdigit())):
+                raise ConfigurationError(f"{source}: layer key {layer!r} is not a decoder-layer index.")
+            if not isinstance(ids, list) or not all(_is_integer(i) for i in ids):
+                raise ConfigurationError(
+                    f"{source}: layer {layer} must map to a list of expert ids (integers, not booleans), got {ids!r}."
+                )
             if len(set(ids)) != len(ids):
                 raise ConfigurationError(f"{source}: layer {layer} lists an expert twice: {ids}.")
-            kept[index] = sorted(ids)
+            kept[int(layer)] = sorted(ids)
         top_k = data.get("top_k")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (not _is_integer(top_k) or top_k < 1):
             raise ConfigurationError(f"{source}: 'top_k' must be a positive integer or null, got {top_k!r}.")
         metadata = {k: v for k, v in data.items() if k not in ("kept_experts", "top_k")}
+        if "pruning_ratio" in metadata:  # the target's name in plans written before target_ratio / actual_ratio
+            metadata.setdefault("target_ratio", metadata.pop("pruning_ratio"))
         return cls(kept, top_k, metadata)
 
     @classmethod
@@ -270,10 +362,18 @@ class PrunePlan:
         return cls.from_dict(data, str(path))
 
     def validate(self, moe: MoEModel) -> None:
-        """A clear error for any layer, expert or count the model cannot take."""
+        """A clear error for any architecture, layer, expert or count the model cannot take."""
+        model = {"model_type": moe.model_type, "architecture": moe.architecture}
+        recorded = {key: self.metadata[key] for key in ARCHITECTURE_KEYS if self.metadata.get(key) is not None}
+        if any(model[key] != value for key, value in recorded.items()):
+            raise ConfigurationError(
+                f"The plan was made for {_describe(recorded)}, not for this model ({_describe(model)}): expert ids "
+                "and routing groups do not carry over between architectures, even with the same expert counts. "
+                "Make a plan for this model (`moe-specialist plan`)."
+            )
         counts = moe.experts_per_layer
-        recorded = {int(k): v for k, v in (self.metadata.get("num_experts") or {}).items()}
-        differing = {k: (v, counts.get(k)) for k, v in recorded.items() if counts.get(k) != v}
+        recorded_counts = {int(k): v for k, v in (self.metadata.get("num_experts") or {}).items()}
+        differing = {k: (v, counts.get(k)) for k, v in recorded_counts.items() if counts.get(k) != v}
         if differing:
             raise ConfigurationError(
                 f"The plan was made for a model with other expert counts (layer: plan's, this model's): {differing}; "
@@ -298,6 +398,15 @@ class PrunePlan:
                 )
             if moe.n_group > 1:
                 check_groups(ids, counts[layer], moe.n_group, layer)
+
+
+def _is_integer(value) -> bool:
+    """JSON integers only: ``True`` is an ``int`` in Python, but no expert id, layer or top-k."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(architecture: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in architecture.items())
 
 
 def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> None:
@@ -331,8 +440,10 @@ def make_plan(
 ) -> PrunePlan:
     """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``.
 
-    ``measure_layer_costs`` (:func:`moe_specialist.sensitivity.layer_cost_meter`) gives the costs the
-    ``sensitivity`` allocation minimises; the other allocations never call it.
+    The plan keeps exactly ``round(total * (1 - ratio))`` experts (the ratio in whole experts), or :class:`Budget`
+    refuses the ratio with the nearest ones that can be met. ``measure_layer_costs``
+    (:func:`moe_specialist.sensitivity.layer_cost_meter`) gives the costs the ``sensitivity`` allocation minimises;
+    the other allocations never call it.
     """
     validate_ratio(ratio)
     if allocation not in ALLOCATIONS:
@@ -350,28 +461,19 @@ def make_plan(
         min_per_group = max(2, math.ceil(min_keep / topk_group))
         min_keep = max(min_keep, min_per_group * moe.n_group)
     total = sum(num_experts)
-    keep_total = round(total * (1 - ratio))
-    if keep_total < min_keep * len(num_experts):
-        max_ratio = 1 - min_keep * len(num_experts) / total
-        raise ConfigurationError(
-            f"Pruning {ratio:.1%} of {total} experts leaves {keep_total}, but each of the {len(num_experts)} MoE "
-            f"layers needs at least {min_keep} (top-k={top_k or moe.top_k}). Use a ratio <= {max_ratio:.3f} or "
-            "lower top-k explicitly (--pruning_top_k)."
-        )
-    budget = Budget(num_experts, keep_total, min_keep, moe.n_group, min_per_group)
+    budget = Budget(num_experts, round(total * (1 - ratio)), min_keep, moe.n_group, min_per_group)
     if allocation == "sensitivity" and measure_layer_costs is not None:
         budget.layer_costs = measure_layer_costs(scores, budget)
     counts = ALLOCATIONS[allocation](scores, budget)
     kept = {}
-    for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=False)):
+    for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=True)):
         kept[layer] = select_experts(scores[position, :n], count, budget)
-    kept_total = sum(len(ids) for ids in kept.values())
     plan = PrunePlan(
         kept,
         top_k,
         {
-            "pruning_ratio": ratio,
-            "actual_ratio": round(1 - kept_total / total, 6),
+            "target_ratio": ratio,
+            "actual_ratio": round(1 - sum(counts) / total, 6),
             "criterion": criterion,
             "allocation": allocation,
             "groups": groups,
@@ -379,7 +481,9 @@ def make_plan(
             "seed": seed,
             "model": stats.metadata.get("model"),
             "config_hash": stats.metadata.get("config_hash"),
-            "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=False)},
+            "model_type": moe.model_type,
+            "architecture": moe.architecture,
+            "num_experts": {str(layer): n for layer, n in zip(stats.layers, num_experts, strict=True)},
             **({"layer_costs": _json_costs(budget.layer_costs)} if budget.layer_costs is not None else {}),
             "created_by": f"moe-specialist {__version__}",
         },
@@ -404,17 +508,20 @@ def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
 
 
 def select_experts(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:
-    """The ``count`` best experts of a layer; with group-limited routing, the same number in every group."""
-    if budget.n_group <= 1:
-        return sorted(scores.topk(count).indices.tolist())
-    size = len(scores) // budget.n_group
-    per_group = max(budget.min_per_group, round(count / budget.n_group))
-    per_group = min(per_group, size)
-    kept = []
-    for g in range(budget.n_group):
-        block = scores[g * size : (g + 1) * size]
-        kept += [g * size + i for i in block.topk(per_group).indices.tolist()]
-    return sorted(kept)
+    """The ``count`` best experts of a layer: the ``count / n_group`` best of every routing group.
+
+    ``count`` must be one of :meth:`Budget.counts` (a whole number of units): a count that is not would have to be
+    rounded, and the plan would miss its budget.
+    """
+    per_group, remainder = divmod(count, budget.n_group)
+    if remainder or count > len(scores):
+        raise ValueError(
+            f"A layer of {len(scores)} experts in {budget.n_group} routing group(s) cannot keep {count}: "
+            f"group-limited routing keeps the same count in every group (a multiple of {budget.n_group})."
+        )
+    blocks = scores.reshape(budget.n_group, -1)
+    offsets = torch.arange(budget.n_group).unsqueeze(1) * blocks.shape[1]
+    return sorted((blocks.topk(per_group, dim=1).indices + offsets).flatten().tolist())
 
 
 def plan_for(

@@ -23,14 +23,17 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_quality_curve(rows: list[dict], path: Path, metric: str = "chrf++", title: str = "") -> None:
-    """One line per criterion (prune-only solid, after SFT dashed), ``metric`` against the pruning ratio."""
+    """One line per criterion (prune-only solid, after SFT dashed), ``metric`` against the share of experts removed.
+
+    The x axis is each row's ``actual_ratio``, what was removed (the target to within half an expert).
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
     for sft in (False, True):
         by_criterion: dict[str, list[tuple[float, float]]] = {}
         for row in rows:
             if row["sft"] == sft:
-                by_criterion.setdefault(row["criterion"], []).append((row["pruning_ratio"], row[metric]))
+                by_criterion.setdefault(row["criterion"], []).append((row["actual_ratio"], row[metric]))
         for criterion, points in sorted(by_criterion.items()):
             points.sort()
             style = "--o" if sft else "-o"
@@ -43,12 +46,12 @@ def plot_quality_curve(rows: list[dict], path: Path, metric: str = "chrf++", tit
                 markersize=4 if not sft else 6,
             )[0]
             colors.setdefault(criterion, line.get_color())
-    baseline = [r[metric] for r in rows if r["pruning_ratio"] == 0 and not r["sft"]]
+    baseline = [r[metric] for r in rows if r["target_ratio"] == 0 and not r["sft"]]
     if baseline:
         ax.axhline(baseline[0], color="grey", linewidth=0.8, linestyle=":", label="unpruned")
-    ax.set_xlabel("share of routed experts removed")
+    ax.set_xlabel("actual_ratio: share of routed experts removed")
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} against pruning ratio")
+    ax.set_title(title or f"{metric} against actual_ratio")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     _save(fig, path)

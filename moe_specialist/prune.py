@@ -71,13 +71,14 @@ class PruneReport:
 
     @property
     def ratio(self) -> float:
+        """The share of routed experts removed: the actual ratio (``actual_ratio``), whatever the target was."""
         return 1 - sum(self.experts_after.values()) / sum(self.experts_before.values())
 
     def to_dict(self) -> dict:
         return {
             "experts_before": {str(k): v for k, v in self.experts_before.items()},
             "experts_after": {str(k): v for k, v in self.experts_after.items()},
-            "pruning_ratio": round(self.ratio, 6),
+            "actual_ratio": round(self.ratio, 6),
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
             "top_k_before": self.top_k_before,

@@ -104,7 +104,7 @@ def split_method(method: str, default_allocation: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Point:
-    ratio: float
+    target_ratio: float  # what the plan is asked for; its actual_ratio is in the point's result
     criterion: str
     seed: int
     sft: bool
@@ -112,7 +112,7 @@ class Point:
     @property
     def id(self) -> str:
         seed = f"-s{self.seed}" if self.criterion.startswith("random") else ""
-        return f"r{self.ratio:.3f}-{self.criterion.replace('@', '-')}{seed}{'-sft' if self.sft else ''}"
+        return f"r{self.target_ratio:.3f}-{self.criterion.replace('@', '-')}{seed}{'-sft' if self.sft else ''}"
 
 
 def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
@@ -207,7 +207,7 @@ class Sweep:
         plan = make_plan(
             self.moe,
             self.stats,
-            point.ratio,
+            point.target_ratio,
             criterion=criterion,
             allocation=allocation,
             groups=split_list(self.pruning.pruning_groups),
@@ -227,7 +227,6 @@ class Sweep:
         result = {
             "point": point.id,
             **asdict(point),
-            "pruning_ratio": point.ratio,
             "actual_ratio": plan.metadata["actual_ratio"],
             "allocation": allocation,
             "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
@@ -248,11 +247,14 @@ class Sweep:
 
 
 def table_rows(results: list[dict]) -> list[dict]:
-    """One row per (ratio, criterion, sft) with random seeds averaged; relative to the unpruned score."""
-    baseline = next((r["average"]["chrf++"] for r in results if r["pruning_ratio"] == 0 and not r["sft"]), None)
+    """One row per (target ratio, criterion, sft) with random seeds averaged; relative to the unpruned score.
+
+    Budgets are exact, so every point of a target ratio removes the same share: the row's ``actual_ratio``.
+    """
+    baseline = next((r["average"]["chrf++"] for r in results if r["target_ratio"] == 0 and not r["sft"]), None)
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["pruning_ratio"], r["criterion"], r["sft"]), []).append(r)
+        groups.setdefault((r["target_ratio"], r["criterion"], r["sft"]), []).append(r)
     rows = []
     for (ratio, criterion, sft), items in sorted(groups.items()):
 
@@ -260,7 +262,8 @@ def table_rows(results: list[dict]) -> list[dict]:
             return sum(i["average"][key] for i in items) / len(items)
 
         row = {
-            "pruning_ratio": ratio,
+            "target_ratio": ratio,
+            "actual_ratio": items[0]["actual_ratio"],
             "criterion": criterion,
             "sft": sft,
             "seeds": len(items),
@@ -278,15 +281,16 @@ def table_rows(results: list[dict]) -> list[dict]:
             row["chrf++_max"] = round(max(i["average"]["chrf++"] for i in items), 2)
         rows.append(row)
     # the unpruned baseline belongs to every criterion's curve
-    for criterion in {r["criterion"] for r in rows} - {r["criterion"] for r in rows if r["pruning_ratio"] == 0}:
-        base = next((r for r in rows if r["pruning_ratio"] == 0 and not r["sft"]), None)
+    for criterion in {r["criterion"] for r in rows} - {r["criterion"] for r in rows if r["target_ratio"] == 0}:
+        base = next((r for r in rows if r["target_ratio"] == 0 and not r["sft"]), None)
         if base:
             rows.append({**base, "criterion": criterion})
-    return sorted(rows, key=lambda r: (r["pruning_ratio"], r["sft"], r["criterion"]))
+    return sorted(rows, key=lambda r: (r["target_ratio"], r["sft"], r["criterion"]))
 
 
 CSV_COLUMNS = [
-    "pruning_ratio",
+    "target_ratio",
+    "actual_ratio",
     "criterion",
     "sft",
     "seeds",
@@ -312,8 +316,9 @@ def write_outputs(run_dir: Path, results: list[dict], rows: list[dict], metadata
     evaluation = metadata["eval"]
     notes = [
         f"chrF++ on {evaluation['dataset']} {evaluation['split']} ({evaluation['examples_per_direction']} "
-        f"segments), greedy, max_new_tokens={evaluation['decoding']['max_new_tokens']}; in parentheses the share of "
-        "the unpruned score; random: mean [min-max] over seeds.",
+        f"segments), greedy, max_new_tokens={evaluation['decoding']['max_new_tokens']}; rows: target_ratio, with the "
+        "actual_ratio where it differs; in parentheses the share of the unpruned score; random: mean [min-max] over "
+        "seeds.",
         *(f"{d}: `{s['chrf++_signature']}`" for d, s in metadata["signatures"].items()),
     ]
     atomic_write_text(format_table(rows, markdown=True) + "\n\n" + "\n\n".join(notes) + "\n", run_dir / "results.md")
@@ -330,16 +335,23 @@ def _cell(row: dict | None) -> str:
     return text
 
 
+def _ratio_label(row: dict) -> str:
+    """The target ratio, and the actual one where whole experts make it differ at the precision shown."""
+    target, actual = f"{row['target_ratio']:.3f}", f"{row['actual_ratio']:.3f}"
+    return target if actual == target else f"{target} (actual {actual})"
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """chrF++ (share of the unpruned score) per ratio x method, prune-only and +SFT; random: mean [min-max]."""
     methods = sorted({r["criterion"] for r in rows})
-    lookup = {(r["pruning_ratio"], r["criterion"], r["sft"]): r for r in rows}
+    lookup = {(r["target_ratio"], r["criterion"], r["sft"]): r for r in rows}
+    labels = {r["target_ratio"]: _ratio_label(r) for r in rows}
     lines = []
-    for ratio in sorted({r["pruning_ratio"] for r in rows}):
+    for ratio in sorted(labels):
         for sft in (False, True):
             cells = [_cell(lookup.get((ratio, m, sft))) for m in methods]
             if any(cells):
-                lines.append([f"{ratio:.3f}{' + SFT' if sft else ''}", *cells])
+                lines.append([f"{labels[ratio]}{' + SFT' if sft else ''}", *cells])
     header = ["pruned", *methods]
     if markdown:
         table = [header, ["---"] * len(header), *lines]
@@ -354,14 +366,16 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 def heatmap(sweep: Sweep, results: list[dict], ratio: float, path: Path) -> None:
     candidates = [
-        r for r in results if r["pruning_ratio"] == ratio and not r["sft"] and not r["criterion"].startswith("random")
+        r for r in results if r["target_ratio"] == ratio and not r["sft"] and not r["criterion"].startswith("random")
     ]
     if not candidates:
         return
     best = max(candidates, key=lambda r: r["average"]["chrf++"])
     from moe_specialist.plan import PrunePlan
 
-    plan = PrunePlan.load(sweep.point_dir(Point(best["ratio"], best["criterion"], best["seed"], False)) / PLAN_FILE)
+    plan = PrunePlan.load(
+        sweep.point_dir(Point(best["target_ratio"], best["criterion"], best["seed"], False)) / PLAN_FILE
+    )
     shares = usage(sweep.stats, split_list(sweep.pruning.pruning_groups), split_list(sweep.pruning.pruning_roles))
     plot_expert_usage(
         shares.float(),
@@ -459,7 +473,7 @@ class SweepWandb:
 
         config = {
             **self.recipe,
-            "pruning_ratio": result["pruning_ratio"],
+            "pruning_ratio": result["target_ratio"],  # the recipe's knob is the target
             "pruning_criterion": result["criterion"].partition("@")[0],
             "pruning_allocation": result["allocation"],
             "pruning_seed": result["seed"],
@@ -471,7 +485,8 @@ class SweepWandb:
             return
         run.summary.update(
             {
-                "pruning/ratio": result["actual_ratio"],
+                "pruning/target_ratio": result["target_ratio"],
+                "pruning/actual_ratio": result["actual_ratio"],
                 "pruning/experts_kept_per_layer": result["experts_per_layer"],
                 "pruning/params_total": result["parameters"]["total"],
                 "pruning/params_active": result["parameters"]["active"],
@@ -493,23 +508,32 @@ class SweepWandb:
         run = self._init(f"{self.group}-summary", "sweep_summary", self.recipe)
         if run is None:
             return
-        columns = ["pruning_ratio", "criterion", "sft", "chrf++", "bleu", "relative_chrf", "parameters_total"]
+        columns = [
+            "target_ratio",
+            "actual_ratio",
+            "criterion",
+            "sft",
+            "chrf++",
+            "bleu",
+            "relative_chrf",
+            "parameters_total",
+        ]
         table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
         curves = {}
         for sft in (False, True):
             subset = [r for r in rows if r["sft"] == sft]
             if subset:
                 t = wandb.Table(
-                    columns=["pruning_ratio", "chrf++", "criterion"],
-                    data=[[r["pruning_ratio"], r["chrf++"], r["criterion"]] for r in subset],
+                    columns=["actual_ratio", "chrf++", "criterion"],
+                    data=[[r["actual_ratio"], r["chrf++"], r["criterion"]] for r in subset],
                 )
                 key = "chrf_vs_ratio_sft" if sft else "chrf_vs_ratio"
                 curves[key] = wandb.plot.line(
                     t,
-                    x="pruning_ratio",
+                    x="actual_ratio",
                     y="chrf++",
                     stroke="criterion",
-                    title=f"chrF++ vs pruning ratio{' (after SFT)' if sft else ''}",
+                    title=f"chrF++ vs actual_ratio (share of experts removed){' after SFT' if sft else ''}",
                 )
         images = {p.stem: wandb.Image(str(p)) for p in sorted(plots.glob("*.png"))}
         run.log({"results": table, **curves, **images})

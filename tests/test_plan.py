@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from moe_specialist.architectures import find_moe
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import PrunePlan, make_plan, score_experts
 from moe_specialist.stats import RoutingStats
 from tests.tiny_models import tiny_model
@@ -40,7 +43,8 @@ def skewed_counts() -> torch.Tensor:
 def test_frequency_keeps_the_most_routed_experts(qwen):
     plan = make_plan(qwen, stats_with(skewed_counts()), ratio=0.5, criterion="frequency", allocation="uniform")
     assert plan.kept_experts == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
-    assert plan.metadata["actual_ratio"] == 0.5
+    assert plan.metadata["target_ratio"] == plan.metadata["actual_ratio"] == 0.5
+    assert "pruning_ratio" not in plan.metadata  # the knob's name never labels an outcome
 
 
 def test_gate_mass_and_reap_rank_differently_from_frequency(qwen):
@@ -84,7 +88,11 @@ def test_ratio_and_top_k_errors(qwen):
     stats = stats_with(skewed_counts())
     with pytest.raises(ValueError, match=r"pruning_ratio must be in \[0, 1\)"):
         make_plan(qwen, stats, 1.0)
-    with pytest.raises(ValueError, match=r"needs at least 2 \(top-k=2\).*--pruning_top_k"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"Keeping 5 of the 32 .* at least top-k experts, 8 in all\. .*exactly: 0\.75 below \(keeps 8\); "
+        r"or lower top-k explicitly \(--pruning_top_k\)",
+    ):
         make_plan(qwen, stats, 0.85)
     plan = make_plan(qwen, stats, 0.85, top_k=1)
     assert plan.top_k == 1 and all(len(ids) >= 1 for ids in plan.kept_experts.values())
@@ -114,3 +122,47 @@ def test_plan_round_trip(tmp_path, qwen):
 def test_statistics_of_another_structure_are_refused(qwen):
     with pytest.raises(ValueError, match="calibrate this model"):
         make_plan(qwen, stats_with(torch.ones(3, 8, dtype=torch.float64)), 0.5)
+
+
+def test_plans_record_their_architecture_and_refuse_another(qwen):
+    plan = make_plan(qwen, stats_with(skewed_counts()), 0.5)
+    assert (plan.metadata["model_type"], plan.metadata["architecture"]) == ("qwen3_moe", "Qwen3MoeForCausalLM")
+    mixtral = find_moe(tiny_model("mixtral"))  # the same 4 layers x 8 experts, top-2
+    replayed = PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    with pytest.raises(
+        ConfigurationError,
+        match=r"made for model_type qwen3_moe, architecture Qwen3MoeForCausalLM, not for this model \(model_type "
+        r"mixtral, architecture MixtralForCausalLM\).*even with the same expert counts",
+    ):
+        replayed.validate(mixtral)
+    replayed.validate(qwen)
+    for key in ("model_type", "architecture"):  # a plan that records one of them is held to it
+        one = PrunePlan(plan.kept_experts, metadata={key: plan.metadata[key]})
+        with pytest.raises(ConfigurationError, match="not for this model"):
+            one.validate(mixtral)
+    PrunePlan(plan.kept_experts).validate(mixtral)  # hand-written: no architecture recorded, accepted
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"kept_experts": [[0, 1], [2, 3]]}, r'needs a "kept_experts" mapping from decoder-layer index'),
+        ({"kept_experts": None}, r'needs a "kept_experts" mapping'),
+        ([0, 1], r'needs a "kept_experts" mapping'),
+        ({"kept_experts": {"0": [True, 1]}}, r"layer 0 must map to a list of expert ids \(integers, not booleans\)"),
+        ({"kept_experts": {"0": [0, 1.0]}}, r"layer 0 must map to a list of expert ids"),
+        ({"kept_experts": {"0": "0,1"}}, r"layer 0 must map to a list of expert ids"),
+        ({"kept_experts": {"first": [0, 1]}}, r"layer key 'first' is not a decoder-layer index"),
+        ({"kept_experts": {True: [0, 1]}}, r"layer key True is not a decoder-layer index"),
+        ({"kept_experts": {"0": [0, 1]}, "top_k": True}, r"'top_k' must be a positive integer or null, got True"),
+    ],
+)
+def test_malformed_plans_are_configuration_errors(data, message):
+    with pytest.raises(ConfigurationError, match=message):
+        PrunePlan.from_dict(data, "plan.json")
+
+
+def test_plans_written_before_the_ratio_split_read_their_target():
+    plan = PrunePlan.from_dict({"kept_experts": {"0": [0, 1]}, "pruning_ratio": 0.75, "actual_ratio": 0.75})
+    assert plan.metadata == {"target_ratio": 0.75, "actual_ratio": 0.75}
+    assert plan.kept_experts == {0: [0, 1]}

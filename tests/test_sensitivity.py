@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -11,9 +10,11 @@ import torch
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibrate, calibration_batches, encode_calibration_data
 from moe_specialist.data.bible import bible_examples
+from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, PrunePlan, allocate_sensitivity, make_plan, score_experts
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import grid_counts, keeping_only, layer_costs, target_loss
+from tests.test_budgets import allowed
 from tests.test_plan import skewed_counts, stats_with
 from tests.tiny_models import tiny_model
 
@@ -45,13 +46,8 @@ def test_keeping_only_equals_pruning_and_restores_the_model_exactly(arch):
     assert layer.num_experts == 8 and find_moe(model).experts_per_layer == moe.experts_per_layer
 
 
-def brute_force(costs: torch.Tensor, num_experts: list[int], keep_total: int, min_keep: int) -> float:
-    options = [range(min_keep, n + 1) for n in num_experts]
-    return min(
-        sum(float(costs[i, c]) for i, c in enumerate(counts))
-        for counts in itertools.product(*options)
-        if sum(counts) == keep_total
-    )
+def brute_force(budget: Budget) -> float:
+    return min(sum(float(budget.layer_costs[i, c]) for i, c in enumerate(counts)) for counts in allowed(budget))
 
 
 def test_allocation_minimises_the_summed_layer_costs():
@@ -67,8 +63,12 @@ def test_allocation_minimises_the_summed_layer_costs():
         counts = allocate_sensitivity(torch.zeros(3, 8), budget)
         assert sum(counts) == keep_total and all(min_keep <= c <= 8 for c in counts)
         chosen = sum(float(costs[i, c]) for i, c in enumerate(counts))
-        assert chosen == pytest.approx(brute_force(costs, num_experts, keep_total, min_keep))
+        assert chosen == pytest.approx(brute_force(budget))
     assert allocate_sensitivity(torch.zeros(3, 8), Budget(num_experts, 12, min_keep, layer_costs=costs))[0] == 8
+    unpriced = torch.full_like(costs, math.inf)
+    unpriced[:, 8] = 0.0  # only "keep everything" has a cost
+    with pytest.raises(ConfigurationError, match="price no per-layer counts that add up to 12 experts"):
+        allocate_sensitivity(torch.zeros(3, 8), Budget(num_experts, 12, min_keep, layer_costs=unpriced))
 
 
 def test_sensitivity_without_measured_costs_is_a_clear_error():

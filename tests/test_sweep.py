@@ -6,9 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
+from moe_specialist import plots
+from moe_specialist.plan import PrunePlan
+from moe_specialist.prune import prune_model
 from moe_specialist.sweep import Point, SweepArguments, format_table, run_sweep_cli, sweep_points, table_rows
+from tests.tiny_models import tiny_model
 
 
 def test_points_grid_shares_the_baseline_and_seeds_random():
@@ -48,15 +53,15 @@ def test_methods_combine_criteria_and_allocations():
     ]
 
 
-def result(ratio, criterion, chrf, seed=0, sft=False):
+def result(ratio, criterion, chrf, seed=0, sft=False, actual=None):
     point = Point(ratio, criterion, seed, sft)
     return {
         "point": point.id,
-        "ratio": ratio,
+        "target_ratio": ratio,
         "criterion": criterion,
         "seed": seed,
         "sft": sft,
-        "pruning_ratio": ratio,
+        "actual_ratio": ratio if actual is None else actual,
         "experts_per_layer": [8, 8],
         "parameters": {"total": 100, "active": 50},
         "checkpoint_bytes": 2**20,
@@ -74,20 +79,63 @@ def test_table_averages_random_seeds_and_relates_to_the_baseline():
         result(0.5, "frequency", 41.0, sft=True),
     ]
     rows = table_rows(results)
-    random_row = next(r for r in rows if r["criterion"] == "random" and r["pruning_ratio"] == 0.5)
+    random_row = next(r for r in rows if r["criterion"] == "random" and r["target_ratio"] == 0.5)
     assert random_row["chrf++"] == 20.0 and random_row["seeds"] == 3
     assert (random_row["chrf++_min"], random_row["chrf++_max"]) == (10.0, 30.0)
     assert random_row["relative_chrf"] == 0.5
     sft_row = next(r for r in rows if r["sft"])
     assert sft_row["relative_chrf"] == round(41 / 40, 4)
     # the unpruned point starts every criterion's curve
-    assert {r["criterion"] for r in rows if r["pruning_ratio"] == 0} == {"frequency", "random"}
+    assert {r["criterion"] for r in rows if r["target_ratio"] == 0} == {"frequency", "random"}
     text = format_table(rows)
     assert "0.500 + SFT" in text and "41.00 (102%)" in text
     json.dumps(rows)
 
 
+def test_rows_name_the_target_and_the_actual_ratio():
+    """Whole experts put the actual ratio off the target (0.3 of 32 experts keeps 22: 0.3125 removed)."""
+    rows = table_rows([result(0, "frequency", 40.0), result(0.3, "frequency", 30.0, actual=0.3125)])
+    assert [(r["target_ratio"], r["actual_ratio"]) for r in rows] == [(0, 0), (0.3, 0.3125)]
+    assert all("pruning_ratio" not in r for r in rows)
+    lines = format_table(rows).splitlines()
+    assert lines[0].split(" | ")[0].strip() == "pruned"
+    assert lines[2].lstrip().startswith("0.000 |") and lines[3].startswith("0.300 (actual 0.312) |")
+    assert len({len(line) for line in lines}) == 1  # columns stay aligned
+    assert "| 0.300 (actual 0.312) | 30.00 (75%) |" in format_table(rows, markdown=True)
+
+
+def test_quality_curve_is_drawn_against_the_actual_ratio(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rows = table_rows([result(0, "frequency", 40.0), result(0.3, "frequency", 30.0, actual=0.3125)])
+    plots.plot_quality_curve(rows, tmp_path / "curve.png")
+    (axes,) = figures[0].axes
+    assert axes.get_xlabel() == "actual_ratio: share of routed experts removed"
+    line = next(line for line in axes.get_lines() if line.get_label() == "frequency")
+    assert list(line.get_xdata()) == [0, 0.3125]
+    plt.close(figures[0])
+
+
+def test_the_run_summary_names_the_target_and_the_actual_ratio():
+    from moe_specialist.configs import PruningArguments
+    from moe_specialist.training.pipeline import wandb_summary
+
+    model = tiny_model("qwen3_moe")
+    report = prune_model(model, PrunePlan({0: [0, 1], 1: [0, 1, 2, 3], 2: list(range(8)), 3: list(range(8))}))
+    pruning = {"target_ratio": 0.3, **report.to_dict()}  # the plan's target, as the pipeline's results hold it
+    summary = wandb_summary({"pruning": pruning, "scores": {}}, PruningArguments(pruning_ratio=0.3))
+    assert (summary["pruning/target_ratio"], summary["pruning/actual_ratio"]) == (0.3, 0.3125)
+    assert "pruning/ratio" not in summary and "pruning_ratio" not in report.to_dict()
+    unpruned = wandb_summary({"pruning": None, "scores": {}}, PruningArguments(pruning_ratio=0.3))
+    assert not any("ratio" in key for key in unpruned)  # nothing was removed: no ratio to report
+
+
 RECIPE = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
+
+
+def wandb_bytes(run_dir: Path) -> bytes:
+    """An offline W&B run's records (config, history and summary are in its .wandb file)."""
+    return b"".join(path.read_bytes() for path in run_dir.glob("run-*.wandb"))
 
 
 @pytest.mark.slow
@@ -130,16 +178,17 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     sft = json.loads((out / "points" / "r0.500-frequency-uniform-sft" / "result.json").read_text())
     assert sft["experts_per_layer"] == [4, 4, 4, 4] and sft["sft"] is True
     pruned = json.loads((out / "points" / "r0.500-frequency-uniform" / "result.json").read_text())
+    assert (pruned["target_ratio"], pruned["actual_ratio"]) == (0.5, 0.5) and "pruning_ratio" not in pruned
     assert pruned["parameters"]["routed_experts"] == 4 * 4 * 3 * 64 * 24
     assert set(pruned["directions"]["en-fr"]) >= {"chrf++", "bleu", "chrf++_signature", "off_target_rate"}
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["pruning_ratio"], r["criterion"], r["sft"]) for r in rows} == {
-        ("0.0", "frequency@uniform", "False"),
-        ("0.0", "random@uniform", "False"),
-        ("0.5", "frequency@uniform", "False"),
-        ("0.5", "frequency@uniform", "True"),
-        ("0.5", "random@uniform", "False"),
+    assert {(r["target_ratio"], r["actual_ratio"], r["criterion"], r["sft"]) for r in rows} == {
+        ("0.0", "0.0", "frequency@uniform", "False"),
+        ("0.0", "0.0", "random@uniform", "False"),
+        ("0.5", "0.5", "frequency@uniform", "False"),
+        ("0.5", "0.5", "frequency@uniform", "True"),
+        ("0.5", "0.5", "random@uniform", "False"),
     }
     summary = json.loads((out / "results.json").read_text())
     assert summary["eval"]["examples_per_direction"] == {"en-fr": 3}
@@ -150,7 +199,11 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     for plot in ("chrf_vs_ratio.png", "expert_usage.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     # one W&B run per point and a summary run; the SFT's own training run lives in its output directory
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 5 + 1
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 5 + 1
+    point_run = next(run for run in runs if any(run.glob("run-*.wandb")) and b"sweep_point" in wandb_bytes(run))
+    assert b"pruning/target_ratio" in wandb_bytes(point_run) and b"pruning/actual_ratio" in wandb_bytes(point_run)
+    assert b"pruning/ratio" not in wandb_bytes(point_run)
     assert len(list((out / "points" / "r0.500-frequency-uniform-sft" / "sft" / "wandb").glob("offline-run-*"))) == 1
     # resume: finished points are kept, an interrupted one is redone from scratch
     kept = (out / "points" / "r0.500-random-uniform-s0" / "result.json").stat().st_mtime_ns

@@ -244,11 +244,13 @@ class PruningCallback(TrainerCallback):
             return
         report = self.report
         before, after = report.parameters_before, report.parameters_after
+        target = self.plan.metadata.get("target_ratio")
         logger.info(
-            "Pruned %s: %.1f%% of routed experts removed; experts kept per MoE layer %s (top-k %d -> %d); parameters "
-            "%s -> %s total, %s -> %s active per token.",
+            "Pruned %s: actual_ratio %.4f of routed experts removed (target_ratio %s); experts kept per MoE layer "
+            "%s (top-k %d -> %d); parameters %s -> %s total, %s -> %s active per token.",
             self.model_name,
-            100 * report.ratio,
+            report.ratio,
+            "none: a hand-written plan" if target is None else f"{target:.4f}",
             {k: v for k, v in report.experts_after.items()},
             report.top_k_before,
             report.top_k_after,
