@@ -31,7 +31,7 @@ from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
 from moe_specialist.compat import original_key_names
 from moe_specialist.errors import ConfigurationError, MissingInputError
-from moe_specialist.io import atomic_path, atomic_write_json, safe_child
+from moe_specialist.io import INDEX_FILE, atomic_path, atomic_write_json, read_weight_map, safe_child
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,11 @@ def checkpoint_router_fingerprint(moe: MoEModel, checkpoint: str | Path) -> str:
     """
     checkpoint = Path(checkpoint)
     names = original_key_names(moe.model, [name for name, _ in _router_weights(moe)])
-    index = checkpoint / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    weight_map = read_weight_map(checkpoint)
     tensors = []
     for name, original in names.items():
         key = original if original in weight_map or not weight_map else name
-        shard = safe_child(checkpoint, weight_map.get(key, "model.safetensors"), f"shard of {key} in {index.name}")
+        shard = safe_child(checkpoint, weight_map.get(key, "model.safetensors"), f"shard of {key} in {INDEX_FILE}")
         with safe_open(str(shard), framework="pt") as f:
             if key not in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 key = name  # a checkpoint saved in the in-memory format
