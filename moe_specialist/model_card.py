@@ -49,7 +49,7 @@ def pruned_model_card(source: str, plan: PrunePlan, before: dict, after: dict, r
         f"| top-k | {before['top_k']} | {after['top_k']} |",
         "",
         f"- Pruning ratio: {meta.get('actual_ratio', 'n/a')} of routed experts "
-        f"(target {meta.get('pruning_ratio', 'n/a')}).",
+        f"(target {meta.get('target_ratio', 'n/a')}).",
         f"- Criterion: `{meta.get('criterion', 'hand-written plan')}`; allocation: `{meta.get('allocation', 'n/a')}`; "
         f"statistics groups: {meta.get('groups') or 'all'}; roles: {meta.get('roles') or 'source + target'}.",
         f"- Routing: `{routing.kind}`, exact under pruning: {routing.exact} ({routing.reason}).",

@@ -66,10 +66,12 @@ def target_loss(model, batches: list[tuple[torch.Tensor, ...]]) -> float:
     return total / tokens
 
 
-def grid_counts(num_experts: int, min_keep: int) -> list[int]:
-    """The counts measured for a layer: ``min_keep`` and the multiples of ``num_experts / GRID_STEPS`` above it."""
-    counts = {min_keep} | {round(num_experts * i / GRID_STEPS) for i in range(1, GRID_STEPS)}
-    return sorted(c for c in counts if min_keep <= c < num_experts)
+def grid_counts(allowed: range) -> list[int]:
+    """The counts measured for a layer that may keep ``allowed`` (:meth:`Budget.counts`, whose last is all its
+    experts): the fewest, and the allowed counts nearest to the multiples of ``num_experts / GRID_STEPS``."""
+    num_experts, step = allowed[-1], allowed.step
+    counts = {allowed.start} | {step * round(num_experts * i / GRID_STEPS / step) for i in range(1, GRID_STEPS)}
+    return sorted(c for c in counts if c in allowed and c < num_experts)
 
 
 def layer_costs(
@@ -87,7 +89,7 @@ def layer_costs(
     jobs = [
         (position, count)
         for position, n in enumerate(budget.num_experts)
-        for count in grid_counts(n, min(budget.min_keep, n))
+        for count in grid_counts(budget.counts(position))
     ]
     measured: dict[int, dict[int, float]] = {p: {n: 0.0} for p, n in enumerate(budget.num_experts)}
     for position, count in tqdm(jobs, desc="layer sensitivity", disable=not progress):

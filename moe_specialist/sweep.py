@@ -32,8 +32,8 @@ from moe_specialist.configs import check_calibration_data, split_list
 from moe_specialist.data.sources import load_examples
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
-from moe_specialist.io import atomic_write_json, atomic_write_text
-from moe_specialist.models import load_model_and_tokenizer, resolve_model_path
+from moe_specialist.io import atomic_write_json, atomic_write_text, prepare_output_dir
+from moe_specialist.models import load_model_and_tokenizer, local_model_dirs, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, make_plan
 from moe_specialist.plots import plot_expert_usage, plot_quality_curve
 from moe_specialist.prune import prune_model
@@ -173,7 +173,7 @@ class Sweep:
         self.calibration, self.pruning, self.data, self.generation = calibration, pruning, data, generation
         self.sft = sft
         self.wandb = wandb_logger
-        check_calibration_data(calibration, data.eval_dataset_name or data.dataset_name, data.eval_split)
+        check_calibration_data(calibration, data.eval_dataset_name, data.eval_split, data.eval_target_files)
         self.device = PartialState().device
         self.base, self.tokenizer = load_model_and_tokenizer(
             model_name, model_args.dtype, model_args.model_revision, trust_remote_code, device=self.device
@@ -186,11 +186,12 @@ class Sweep:
             self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
         )
         self.examples = load_examples(
-            data.eval_dataset_name or data.dataset_name,
-            data.eval_directions or data.train_directions,
+            data.eval_dataset_name,
+            data.eval_directions,
             data.eval_split,
             limit=data.max_eval_examples,
             seed=data.dataset_seed,
+            target_files=data.eval_target_files,
         )
 
     def point_dir(self, point: Point) -> Path:
@@ -541,16 +542,24 @@ class SweepWandb:
 
 
 def run_sweep_cli(argv: list[str]) -> None:
-    """``moe-specialist sweep``: the recipe's dataclasses plus :class:`SweepArguments`."""
-    from trl import TrlParser
+    """``moe-specialist sweep``: the recipe's dataclasses plus :class:`SweepArguments`.
 
+    Every input (the grid, the data, the output directory) is checked before the model loads.
+    """
+    from moe_specialist.entry import ArgumentParser, command_name
     from moe_specialist.training.configs import RECIPE_TYPES
-    from moe_specialist.training.pipeline import recipe_config, run
+    from moe_specialist.training.pipeline import check_recipe_data, recipe_config, run
 
-    model_args, data_args, calibration_args, pruning_args, training_args, sweep_args = TrlParser(
-        (*RECIPE_TYPES, SweepArguments)
-    ).parse_args_and_config(args=argv)
+    model_args, data_args, calibration_args, pruning_args, training_args, sweep_args = ArgumentParser(
+        (*RECIPE_TYPES, SweepArguments), prog=command_name("sweep")
+    ).parse(argv)
+    points = sweep_points(
+        sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
+    )
+    reused = calibration_args.statistics_file and Path(calibration_args.statistics_file).is_file()
+    check_recipe_data(data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused)
     run_dir = Path(training_args.output_dir)
+    prepare_output_dir(run_dir, overwrite=True, protected=local_model_dirs(model_args.model_name_or_path))
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
     check_resumable(run_dir / "sweep_config.json", recipe)
@@ -584,9 +593,6 @@ def run_sweep_cli(argv: list[str]) -> None:
         sft=sft,
         wandb_logger=wandb_logger,
         trust_remote_code=training_args.trust_remote_code,
-    )
-    points = sweep_points(
-        sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
     )
     rows = run_sweep(sweep, points, sweep_args.heatmap_ratio)
     print(format_table(rows))

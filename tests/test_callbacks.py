@@ -105,7 +105,11 @@ def test_prune_only_run(prune_only, tiny_translator):
     pruning = results["pruning"]
     assert pruning["experts_before"] == {str(i): 8 for i in range(4)}
     assert pruning["experts_after"] == {str(i): 4 for i in range(4)}
-    assert pruning["pruning_ratio"] == 0.5 and pruning["uniform"] and pruning["criterion"] == "frequency"
+    assert (
+        pruning["target_ratio"] == pruning["actual_ratio"] == 0.5
+        and pruning["uniform"]
+        and pruning["criterion"] == "frequency"
+    )
     assert pruning["parameters_after"]["total"] < pruning["parameters_before"]["total"]
     assert pruning["parameters_before"]["routed_experts"] == 2 * pruning["parameters_after"]["routed_experts"]
     # scored once: the scores after pruning are the start and the end, with their sacreBLEU signatures

@@ -78,9 +78,10 @@ def test_sensitivity_without_measured_costs_is_a_clear_error():
 
 
 def test_grid_counts():
-    assert grid_counts(32, 4) == [4, 8, 12, 16, 20, 24, 28]
-    assert grid_counts(8, 2) == [2, 3, 4, 5, 6, 7]
-    assert grid_counts(8, 6) == [6, 7]
+    assert grid_counts(range(4, 33)) == [4, 8, 12, 16, 20, 24, 28]
+    assert grid_counts(range(2, 9)) == [2, 3, 4, 5, 6, 7]
+    assert grid_counts(range(6, 9)) == [6, 7]
+    assert grid_counts(range(2, 9, 2)) == [2, 4, 6]  # group-limited (n_group 2): whole units only
 
 
 def test_layer_costs_are_measured_losses_and_drive_the_plan(tiny_translator, demo_tokenizer):
@@ -116,3 +117,26 @@ def test_sensitivity_examples_must_be_positive():
 
     with pytest.raises(ValueError, match="sensitivity_examples must be positive, got 0"):
         PruningArguments(pruning_allocation="sensitivity", sensitivity_examples=0)
+
+
+def test_group_limited_sensitivity_measures_and_keeps_whole_units():
+    """DeepSeek-V3 with n_group 2: only counts every group can share are measured, and the split meets the budget."""
+    from moe_specialist.plan import check_groups, select_experts
+
+    model = tiny_model("deepseek_v3").eval()
+    moe = find_moe(model)
+    generator = torch.Generator().manual_seed(0)
+    sequences = [(0, torch.randint(3, 97, (12,), generator=generator).tolist(), [0] * 6 + [1] * 6) for _ in range(4)]
+    batches = list(calibration_batches(sequences, 2, 0))
+    num_experts = [layer.num_experts for layer in moe.layers]
+    # as make_plan sets it up: DeepSeek-V3 scores each group by its top-2 experts, so a group keeps at least 2
+    budget = Budget(num_experts, sum(num_experts) * 2 // 3, 2 * moe.n_group, moe.n_group, min_per_group=2)
+    scores = torch.rand(len(num_experts), max(num_experts), generator=generator, dtype=torch.float64)
+    costs = layer_costs(model, moe, batches, scores, budget, progress=False)
+    counts = allocate_sensitivity(
+        scores, Budget(num_experts, budget.keep_total, moe.top_k, moe.n_group, layer_costs=costs)
+    )
+    assert sum(counts) == budget.keep_total and all(c % moe.n_group == 0 for c in counts)
+    for position, count in enumerate(counts):
+        ids = select_experts(scores[position, : num_experts[position]], count, budget)
+        check_groups(ids, num_experts[position], moe.n_group, moe.layers[position].layer_index)

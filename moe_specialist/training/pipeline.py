@@ -43,11 +43,11 @@ from moe_specialist.architectures import find_moe, text_config
 from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments, check_calibration_data
 from moe_specialist.data.prompts import sft_record
-from moe_specialist.data.sources import load_examples
+from moe_specialist.data.sources import check_data_access, load_examples
 from moe_specialist.errors import ConfigurationError, MissingInputError, OutputExistsError
-from moe_specialist.io import atomic_write_json
+from moe_specialist.io import atomic_write_json, prepare_output_dir
 from moe_specialist.model_card import pruned_model_card
-from moe_specialist.models import load_model_and_tokenizer
+from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
 from moe_specialist.plan import PLAN_FILE
 from moe_specialist.prune import load_pruned_model, save_pruned_model
 from moe_specialist.stats import RoutingStats
@@ -185,6 +185,41 @@ def restore_checkpoint_weights(model, checkpoint: str) -> bool:
     saved = load_pruned_model(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
     model.load_state_dict(saved, strict=True)
     return True
+
+
+def check_recipe_data(
+    data_args, calibration_args, *, train: bool = True, evaluate: bool = True, calibrate: bool = True
+) -> None:
+    """Every data source a run will read, checked before any model loads (a gated or missing file fails now)."""
+    check_calibration_data(
+        calibration_args, data_args.eval_dataset_name, data_args.eval_split, data_args.eval_target_files
+    )
+    selections = [
+        (
+            train,
+            data_args.dataset_name,
+            data_args.train_directions,
+            data_args.train_split,
+            data_args.dataset_target_files,
+        ),
+        (
+            evaluate,
+            data_args.eval_dataset_name,
+            data_args.eval_directions,
+            data_args.eval_split,
+            data_args.eval_target_files,
+        ),
+        (
+            calibrate,
+            calibration_args.calibration_dataset,
+            calibration_args.calibration_directions,
+            calibration_args.calibration_split,
+            calibration_args.calibration_target_files,
+        ),
+    ]
+    for needed, *selection in selections:
+        if needed:
+            check_data_access(*selection)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
@@ -449,13 +484,20 @@ def run(
     start = time.time()
     state = PartialState()
     validate_arguments(model_args, training_args)
-    check_calibration_data(calibration_args, data_args.eval_dataset_name, data_args.eval_split)
+    check_recipe_data(
+        data_args,
+        calibration_args,
+        train=not training_args.prune_only,
+        evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
+        calibrate=stats is None and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan,
+    )
     if os.environ.get("WANDB_SWEEP_ID"):
         training_args.output_dir = sweep_point_dir(training_args.output_dir, pruning_args, training_args.seed)
         training_args.run_name = training_args.run_name or Path(training_args.output_dir).name
     output_dir = Path(training_args.output_dir)
     checkpoint = resolve_checkpoint(training_args)
     check_output_dir(output_dir, training_args.overwrite_output_dir, checkpoint is not None)
+    prepare_output_dir(output_dir, overwrite=True, protected=local_model_dirs(model_args.model_name_or_path))
     state.wait_for_everyone()  # every rank checked before rank 0 writes anything there
     if state.is_main_process:
         if training_args.overwrite_output_dir and checkpoint is None:
