@@ -45,3 +45,12 @@ def build_tiny_translator(path: Path, tokenizer, model_type: str = "qwen3_moe", 
 @pytest.fixture(scope="session")
 def tiny_translator(tmp_path_factory, demo_tokenizer) -> Path:
     return build_tiny_translator(tmp_path_factory.mktemp("tiny") / "model", demo_tokenizer)
+
+
+@pytest.fixture
+def restore_environment():
+    """Recipes' `env:` blocks are exported by the parser: keep them out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -3,7 +3,6 @@ reference-file knobs of aligned plain-text data."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -26,13 +25,7 @@ SWEEP_RECIPE = ROOT / "recipes" / "demo" / "en-fr" / "sweep.yaml"
 FILES = ROOT / "tests" / "fixtures" / "files"
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """Recipes' `env:` blocks are exported by the parser: keep them out of the other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes' `env:` blocks are exported
 
 
 def parse_recipe(tmp_path: Path, yaml_lines: str = "", *flags: str, types=RECIPE_TYPES):

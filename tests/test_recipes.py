@@ -26,13 +26,7 @@ GPU_MODELS = ("qwen3-30b-a3b", "gpt-oss-20b", "olmoe-1b-7b")
 TINY = ROOT / "tests" / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """Recipes' `env:` blocks are exported by the parser: keep them out of the other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")  # recipes' `env:` blocks are exported
 
 
 def parse(*args: str):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import trl
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from moe_specialist.configs import (
     TARGET_FILES_HELP,
@@ -192,6 +192,9 @@ def _fsdp_launch() -> bool:
 RECIPE_TYPES = (ModelConfig, DataArguments, CalibrationArguments, PruningArguments, SFTConfig)
 
 
-def make_parser() -> TrlParser:
-    """The recipe parser: ``make_parser().parse_args_and_config()`` returns one instance of each of RECIPE_TYPES."""
-    return TrlParser(RECIPE_TYPES)
+def make_parser():
+    """The recipe parser: ``make_parser().parse(argv)`` returns one instance of each of RECIPE_TYPES; bad input is
+    an expected error (see :mod:`moe_specialist.entry`)."""
+    from moe_specialist.entry import ArgumentParser, command_name
+
+    return ArgumentParser(RECIPE_TYPES, prog=command_name("train"))

@@ -663,7 +663,6 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
 
 def parse_recipe(args: list[str] | None = None):
     """``(model_args, data_args, calibration_args, pruning_args, training_args)`` from ``--config FILE`` and flags."""
-    from moe_specialist.entry import ArgumentParser, command_name
-    from moe_specialist.training.configs import RECIPE_TYPES
+    from moe_specialist.training.configs import make_parser
 
-    return ArgumentParser(RECIPE_TYPES, prog=command_name("train")).parse(args)
+    return make_parser().parse(args)
