@@ -215,7 +215,9 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _refuse_damage_to_inputs(path: Path, target: Path, protected: Iterable[str | Path]) -> None:
+def check_not_an_input(path: str | Path, protected: Iterable[str | Path]) -> None:
+    """Refuse an output that is, contains or lies inside a ``protected`` input (e.g. the source checkpoint)."""
+    target = Path(path).resolve()
     for item in protected:
         source = Path(item).resolve()
         if not source.exists():  # a Hub id or a missing path: nothing on disk to damage
@@ -246,14 +248,13 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, protected: Ite
     directory.
     """
     path = Path(path)
-    target = path.resolve()
-    _refuse_damage_to_inputs(path, target, protected)
+    check_not_an_input(path, protected)
     if path.exists():
         if not overwrite:
             raise OutputExistsError(
                 f"Output {path} already exists: choose another path or pass --overwrite to replace it."
             )
-        _refuse_vital_directories(path, target)
+        _refuse_vital_directories(path, path.resolve())
     return path
 
 

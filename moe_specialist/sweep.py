@@ -32,7 +32,7 @@ from moe_specialist.configs import check_calibration_data, split_list
 from moe_specialist.data.sources import load_examples
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
-from moe_specialist.io import atomic_write_json, atomic_write_text, prepare_output_dir
+from moe_specialist.io import atomic_write_json, atomic_write_text, check_not_an_input
 from moe_specialist.models import load_model_and_tokenizer, local_model_dirs, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, make_plan
 from moe_specialist.plots import plot_expert_usage, plot_quality_curve
@@ -559,7 +559,7 @@ def run_sweep_cli(argv: list[str]) -> None:
     reused = calibration_args.statistics_file and Path(calibration_args.statistics_file).is_file()
     check_recipe_data(data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused)
     run_dir = Path(training_args.output_dir)
-    prepare_output_dir(run_dir, overwrite=True, protected=local_model_dirs(model_args.model_name_or_path))
+    check_not_an_input(run_dir, local_model_dirs(model_args.model_name_or_path))
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
     check_resumable(run_dir / "sweep_config.json", recipe)

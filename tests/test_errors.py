@@ -206,3 +206,24 @@ def test_tensors_are_untouched_by_a_refused_prune(tiny_translator, tmp_path, cap
     assert line.startswith("moe-specialist prune: error:")
     after = load_file(Path(tiny_translator) / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_training_run_or_sweep_never_writes_into_the_model_directory(tiny_translator, tmp_path):
+    from moe_specialist.sweep import run_sweep_cli
+    from moe_specialist.training import parse_recipe, run
+
+    listing = sorted(p.name for p in Path(tiny_translator).iterdir())
+    for output in (tiny_translator, Path(tiny_translator) / "run", Path(tiny_translator).parent):
+        flags = [
+            "--config",
+            str(TINY_RECIPE),
+            "--model_name_or_path",
+            str(tiny_translator),
+            "--output_dir",
+            str(output),
+        ]
+        with pytest.raises(ConfigurationError, match="writing it would modify or delete the input"):
+            run(*parse_recipe([*flags, "--overwrite_output_dir", "true"]))
+        with pytest.raises(ConfigurationError, match="writing it would modify or delete the input"):
+            run_sweep_cli([*flags, "--ratios", "0,0.5", "--report_to", "none"])
+    assert sorted(p.name for p in Path(tiny_translator).iterdir()) == listing

@@ -45,7 +45,7 @@ from moe_specialist.configs import CalibrationArguments, PruningArguments, check
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.data.sources import check_data_access, load_examples
 from moe_specialist.errors import ConfigurationError, MissingInputError, OutputExistsError
-from moe_specialist.io import atomic_write_json, prepare_output_dir
+from moe_specialist.io import atomic_write_json, check_not_an_input
 from moe_specialist.model_card import pruned_model_card
 from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
 from moe_specialist.plan import PLAN_FILE
@@ -497,7 +497,7 @@ def run(
     output_dir = Path(training_args.output_dir)
     checkpoint = resolve_checkpoint(training_args)
     check_output_dir(output_dir, training_args.overwrite_output_dir, checkpoint is not None)
-    prepare_output_dir(output_dir, overwrite=True, protected=local_model_dirs(model_args.model_name_or_path))
+    check_not_an_input(output_dir, local_model_dirs(model_args.model_name_or_path))
     state.wait_for_everyone()  # every rank checked before rank 0 writes anything there
     if state.is_main_process:
         if training_args.overwrite_output_dir and checkpoint is None:
