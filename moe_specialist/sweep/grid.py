@@ -1,0 +1,107 @@
+"""What a sweep's grid is: its arguments (ratios x methods, the SFT points) and the points they name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_specialist.configs import split_list
+from moe_specialist.errors import ConfigurationError
+
+
+@dataclass
+class SweepArguments:
+    ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875", metadata={"help": "Pruning ratios to sweep."})
+    criteria: str | None = field(
+        default=None,
+        metadata={
+            "help": "Methods to compare: a criterion, or criterion@allocation (e.g. frequency@coverage); "
+            "default: the recipe's pruning_criterion with its pruning_allocation."
+        },
+    )
+    random_seeds: int = field(default=3, metadata={"help": "Seeds of the random baseline (reported as their mean)."})
+    sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
+    sft_criteria: str | None = field(
+        default=None, metadata={"help": "Criteria that get the SFT at sft_at ratios (default: the first criterion)."}
+    )
+    heatmap_ratio: float = field(default=0.75, metadata={"help": "Ratio whose kept experts the heat map marks."})
+
+    def __post_init__(self):
+        """Refuse a bad grid when the arguments are parsed, before the sweep loads and calibrates the model."""
+        from moe_specialist.configs import PruningArguments, check_field_types, check_minimum
+
+        check_field_types(self)
+        check_minimum(self, 1, "random_seeds")
+        if not self.ratio_values:
+            raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
+        missing = [r for r in self.sft_ratio_values if r not in self.ratio_values]
+        if missing:
+            raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {self.ratio_values}.")
+        for method in [*(split_list(self.criteria) or []), *(split_list(self.sft_criteria) or [])]:
+            # only the method's own names: PruningArguments checks the recipe's allocation, which fills in the rest
+            split_method(method, PruningArguments.pruning_allocation)
+
+    @property
+    def ratio_values(self) -> list[float]:
+        from moe_specialist.configs import parse_ratios
+
+        return parse_ratios(self.ratios, "--ratios")
+
+    @property
+    def sft_ratio_values(self) -> list[float]:
+        from moe_specialist.configs import parse_ratios
+
+        return parse_ratios(self.sft_at, "--sft_at")
+
+
+def split_method(method: str, default_allocation: str) -> tuple[str, str]:
+    """``criterion@allocation`` -> (criterion, allocation); a bare criterion takes the recipe's allocation."""
+    from moe_specialist.plan import ALLOCATIONS, CRITERIA
+
+    criterion, _, allocation = method.partition("@")
+    allocation = allocation or default_allocation
+    if criterion not in CRITERIA:
+        raise ConfigurationError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
+    if allocation not in ALLOCATIONS:
+        raise ConfigurationError(
+            f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATIONS)}."
+        )
+    return criterion, allocation
+
+
+@dataclass(frozen=True)
+class Point:
+    target_ratio: float  # what the plan is asked for; its actual_ratio is in the point's result
+    criterion: str
+    seed: int
+    sft: bool
+
+    @property
+    def id(self) -> str:
+        seed = f"-s{self.seed}" if self.criterion.startswith("random") else ""
+        return f"r{self.target_ratio:.3f}-{self.criterion.replace('@', '-')}{seed}{'-sft' if self.sft else ''}"
+
+
+def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
+    """The grid of ratios x methods; ``args`` checked their own values when built (see SweepArguments)."""
+    ratios, sft_at = args.ratio_values, args.sft_ratio_values
+    # always criterion@allocation: a point's id (and so its reuse on resume) names both
+    criteria = [
+        "@".join(split_method(m, default_allocation)) for m in split_list(args.criteria) or [default_criterion]
+    ]
+    sft_criteria = ["@".join(split_method(m, default_allocation)) for m in split_list(args.sft_criteria) or []]
+    sft_criteria = sft_criteria or criteria[:1]
+    unknown = [c for c in sft_criteria if c not in criteria]
+    if unknown:
+        raise ConfigurationError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
+    points = []
+    for ratio in ratios:
+        for criterion in criteria:
+            if ratio == 0 and criterion != criteria[0]:
+                continue  # nothing is pruned: one baseline serves every criterion
+            is_random = split_method(criterion, default_allocation)[0] == "random"
+            seeds = range(args.random_seeds) if is_random and ratio > 0 else [seed]
+            for s in seeds:
+                points.append(Point(ratio, criterion, s, False))
+                if ratio in sft_at and criterion in sft_criteria:
+                    points.append(Point(ratio, criterion, s, True))
+    return points
