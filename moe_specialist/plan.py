@@ -457,7 +457,7 @@ def make_plan(
     min_keep = top_k or moe.top_k
     min_per_group = 1
     if moe.n_group > 1:
-        _, topk_group = _topk_group(moe)
+        topk_group = _topk_group(moe)
         min_per_group = max(2, math.ceil(min_keep / topk_group))
         min_keep = max(min_keep, min_per_group * moe.n_group)
     total = sum(num_experts)
@@ -497,14 +497,15 @@ def _json_costs(costs: torch.Tensor) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 5) for v in row] for row in costs.tolist()]
 
 
-def _topk_group(moe: MoEModel) -> tuple[str | None, int]:
+def _topk_group(moe: MoEModel) -> int:
+    """How many routing groups a group-limited router picks per token (every group when the config does not say)."""
     from moe_specialist.architectures import TOPK_GROUP_FIELDS, text_config
 
     config = text_config(moe.model.config)
     for name in TOPK_GROUP_FIELDS:
         if getattr(config, name, None) is not None:
-            return name, int(getattr(config, name))
-    return None, moe.n_group
+            return int(getattr(config, name))
+    return moe.n_group
 
 
 def select_experts(scores: torch.Tensor, count: int, budget: Budget) -> list[int]:

@@ -13,7 +13,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import ALLOCATIONS, Budget, PrunePlan, make_plan, select_experts
 from moe_specialist.prune import prune_model
 from moe_specialist.stats import RoutingStats
-from tests.test_plan import stats_with
+from tests.helpers import allowed, stats_with
 from tests.tiny_models import tiny_model
 
 # (num_experts, min_keep, n_group, min_per_group): uneven layers, with and without group-limited routing
@@ -42,12 +42,6 @@ def budget_for(structure: tuple, keep_total: int, seed: int = 0) -> Budget:
     budget = Budget(num_experts, keep_total, min_keep, n_group, min_per_group)
     budget.layer_costs = random_costs(num_experts, [budget.counts(p).start for p in range(len(num_experts))], seed)
     return budget
-
-
-def allowed(budget: Budget) -> list[tuple[int, ...]]:
-    """Brute force: every choice of per-layer counts that meets the budget."""
-    ranges = [budget.counts(position) for position in range(len(budget.num_experts))]
-    return [counts for counts in itertools.product(*ranges) if sum(counts) == budget.keep_total]
 
 
 def kept_share(scores: torch.Tensor, budget: Budget, counts) -> float:

@@ -14,12 +14,7 @@ import pytest
 from moe_specialist.errors import ConfigurationError, OutputExistsError
 from moe_specialist.io import atomic_write_text, prepare_output_dir, staging_dir
 from moe_specialist.stats import RoutingStats
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from tests.helpers import umask
 
 
 def tree(path: Path) -> dict[str, bytes]:

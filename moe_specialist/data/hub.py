@@ -143,16 +143,6 @@ def wmt24pp_examples(rows: Iterable[Row], src: Language, tgt: Language) -> list[
     return examples
 
 
-def wmt24pp_domain(example: ParallelExample) -> str:
-    """The WMT24++ domain (literary, news, social, speech) of an example, to group scores by domain."""
-    parts = example.id.split("/")
-    if len(parts) != 4 or parts[0] != "wmt24pp":
-        raise ConfigurationError(
-            f"Example {example.id!r} does not come from WMT24++ (ids look like wmt24pp/LP/DOMAIN/SEG)."
-        )
-    return parts[2]
-
-
 def _load_split(repo: str, config: str, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(repo, config, split=split)

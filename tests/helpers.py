@@ -1,0 +1,43 @@
+"""Helpers shared by several test modules (test modules never import each other)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+from moe_specialist.plan import Budget
+from moe_specialist.stats import RoutingStats
+
+
+def stats_with(
+    counts: torch.Tensor, gate: torch.Tensor | None = None, reap: torch.Tensor | None = None, layers=None
+) -> RoutingStats:
+    """Statistics for one group ('en-fr'), all on target tokens; counts shaped [layer, expert]."""
+    n_layers, n_experts = counts.shape
+    stats = RoutingStats.empty(["en-fr"], layers or list(range(n_layers)), [n_experts] * n_layers)
+    stats.count[0, 1] = counts
+    stats.gate_mass[0, 1] = gate if gate is not None else counts * 0.5
+    stats.reap_sum[0, 1] = reap if reap is not None else counts
+    stats.tokens[0, 1] = counts.sum() / 2
+    return stats
+
+
+def skewed_counts() -> torch.Tensor:
+    """Layer 0 concentrated on experts 0-1; layers 1-3 spread evenly (decreasing by expert id)."""
+    return torch.tensor(
+        [[100.0, 90, 2, 2, 1, 1, 1, 1]] + [[20.0, 19, 18, 17, 16, 15, 14, 13]] * 3, dtype=torch.float64
+    )
+
+
+def allowed(budget: Budget) -> list[tuple[int, ...]]:
+    """Brute force: every choice of per-layer counts that meets the budget."""
+    ranges = [budget.counts(position) for position in range(len(budget.num_experts))]
+    return [counts for counts in itertools.product(*ranges) if sum(counts) == budget.keep_total]
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
