@@ -68,7 +68,7 @@ def main() -> None:
     copy = timed(["cp", "-r", str(work / "model"), str(work / "copy")])
     prune = timed(
         [sys.executable, "-m", "moe_specialist.cli", "prune", "--model", str(work / "model")]
-        + ["--plan", str(work / "plan.json"), "--output", str(work / "pruned"), "--mode", "disk"]
+        + ["--prune_plan", str(work / "plan.json"), "--output", str(work / "pruned"), "--mode", "disk"]
     )
     pruned = sum(f.stat().st_size for f in (work / "pruned").glob("*.safetensors"))
     shards = len(list((work / "model").glob("*.safetensors")))

@@ -154,13 +154,22 @@ def _file_exists_on_rank0(path: str | None) -> bool:
     return exists[0]
 
 
+def _comparable(value):
+    """Files written before list-valued knobs were lists recorded them as comma-separated strings."""
+    return split_list(value) if isinstance(value, (str, list)) else value
+
+
 def load_matching_statistics(path: str, model, args: CalibrationArguments) -> RoutingStats:
     """A statistics file, refused unless it fits the model and was calibrated with these settings."""
     stats = RoutingStats.load(path)
     stats.validate_for(find_moe(model))
     recorded = stats.metadata.get("calibration")
     if recorded is not None:
-        differing = [f"{k}={recorded.get(k)!r}" for k, v in calibration_settings(args).items() if recorded.get(k) != v]
+        differing = [
+            f"{k}={recorded.get(k)!r}"
+            for k, v in calibration_settings(args).items()
+            if _comparable(recorded.get(k)) != _comparable(v)
+        ]
         if differing:
             raise StatisticsMismatchError(
                 f"{path} was calibrated with other settings ({', '.join(differing)}); delete it or point "
@@ -170,12 +179,20 @@ def load_matching_statistics(path: str, model, args: CalibrationArguments) -> Ro
 
 
 def statistics_for(
-    model, tokenizer, args: CalibrationArguments, model_name: str, progress: bool = True, reuse: bool = True
+    model,
+    tokenizer,
+    args: CalibrationArguments,
+    model_name: str,
+    *,
+    statistics_file: str | None,
+    progress: bool = True,
+    reuse: bool = True,
 ) -> RoutingStats:
-    """Reuse ``args.statistics_file`` when it exists and fits (``reuse``), else calibrate and save it there."""
-    if reuse and _file_exists_on_rank0(args.statistics_file):
-        stats = load_matching_statistics(args.statistics_file, model, args)
-        logger.info("Reusing routing statistics from %s", args.statistics_file)
+    """Reuse ``statistics_file`` (``PruningArguments.statistics_file``) when it exists and fits (``reuse``), else
+    calibrate and save it there (None: calibrate without saving)."""
+    if reuse and _file_exists_on_rank0(statistics_file):
+        stats = load_matching_statistics(statistics_file, model, args)
+        logger.info("Reusing routing statistics from %s", statistics_file)
         return stats
     examples, general = calibration_data(args)
     stats = calibrate(
@@ -188,6 +205,6 @@ def statistics_for(
         metadata={"model": model_name, "calibration": calibration_settings(args)},
         progress=progress,
     )
-    if args.statistics_file and (not dist.is_initialized() or dist.get_rank() == 0):
-        stats.save(args.statistics_file)
+    if statistics_file and (not dist.is_initialized() or dist.get_rank() == 0):
+        stats.save(statistics_file)
     return stats

@@ -2,11 +2,14 @@
 
     moe-specialist inspect   MODEL
     moe-specialist calibrate --model MODEL --calibration_directions en-fr --output stats.safetensors
-    moe-specialist plan      --model MODEL --statistics stats.safetensors --pruning_ratio 0.5 --output plan.json
-    moe-specialist prune     --model MODEL --plan plan.json --output DIR
-    moe-specialist evaluate  --model DIR|demo --data bible --pairs en-fr,de-en --split test --output scores.json
+    moe-specialist plan      --model MODEL --statistics_file stats.safetensors --pruning_ratio 0.5 --output plan.json
+    moe-specialist prune     --model MODEL --prune_plan plan.json --output DIR
+    moe-specialist evaluate  --model DIR|demo --eval_dataset_name bible --eval_directions en-fr,de-en \
+                             --eval_split test --output scores.json
     moe-specialist sweep     --config RECIPE --ratios 0,0.25,0.5 [--criteria frequency,reap] [--sft_at 0.75]
 
+The commands parse the recipe's dataclasses (moe_specialist.configs), so every knob has the name and the default it
+has in a recipe (``--model`` is short for ``--model_name_or_path``); list-valued knobs take ``a,b`` or ``a b``.
 Every command but ``inspect`` also takes ``--config FILE.yaml`` (values there are defaults that flags override).
 Bad input is reported as one paragraph, ``moe-specialist <command>: error: ...``, with exit status 2; ``--debug``
 (or ``MOE_SPECIALIST_DEBUG=1``) shows the traceback.
@@ -21,7 +24,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_specialist.configs import CalibrationArguments, GenerationArguments, PruningArguments
+from moe_specialist.configs import (
+    CalibrationArguments,
+    EvalDataArguments,
+    GenerationArguments,
+    ModelArguments,
+    PruningArguments,
+)
 from moe_specialist.entry import ArgumentParser, command_name, run_entry_point
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.io import atomic_write_json, prepare_output_dir
@@ -30,15 +39,12 @@ logger = logging.getLogger("moe_specialist")
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default="demo", metadata={"aliases": ["--model"], "help": "Hub id, local directory, or 'demo'."}
+class RemoteCodeArguments:
+    """``trust_remote_code``: in a recipe, transformers' field of ``SFTConfig``; the commands take it here."""
+
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model repository's own Python code (only for sources you trust)."}
     )
-    model_revision: str | None = field(default=None)
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (the checkpoint's; float32 for demo), float32, bfloat16, float16."}
-    )
-    trust_remote_code: bool = field(default=False)
 
 
 @dataclass
@@ -68,13 +74,7 @@ def check_writable(directory: Path) -> None:
 
 
 @dataclass
-class PlanInputArguments:
-    statistics: str = field(default="", metadata={"help": "Routing statistics file from `moe-specialist calibrate`."})
-
-
-@dataclass
-class PruneInputArguments:
-    plan: str = field(default="", metadata={"help": "Prune plan JSON (from `moe-specialist plan` or hand-written)."})
+class PruneModeArguments:
     mode: str = field(
         default="auto",
         metadata={
@@ -85,33 +85,29 @@ class PruneInputArguments:
 
 
 @dataclass
-class EvaluateArguments:
-    data: str = field(default="bible", metadata={"help": "bible, flores_plus, wmt24pp or a local file."})
-    pairs: str = field(default="en-fr,de-en", metadata={"help": "Comma-separated directions."})
-    split: str = field(default="test")
-    target_files: None | str | list[str] = field(
-        default=None, metadata={"help": "Reference file(s) aligned line by line with a plain-text --data file."}
-    )
-    limit: int | None = field(default=None, metadata={"help": "Examples per direction (a seeded sample)."})
-    seed: int = field(default=0)
-
-    def __post_init__(self):
-        from moe_specialist.configs import check_field_types, check_minimum, split_list
-        from moe_specialist.data.sources import check_target_files
-
-        check_field_types(self)
-        check_minimum(self, 1, "limit")
-        self.target_files = split_list(self.target_files)
-        check_target_files(self.data, self.target_files)
-
-
-@dataclass
 class InspectArguments:
     json: bool = field(default=False, metadata={"help": "Print the description as JSON."})
 
 
 def _parse(command: str, types, argv):
-    return ArgumentParser(types, prog=command_name(command)).parse(argv)
+    """``(model_args, remote_code_args, *instances of types)``: every command names a model first."""
+    return ArgumentParser((ModelArguments, RemoteCodeArguments, *types), prog=command_name(command)).parse(argv)
+
+
+def _load_model(model_args: ModelArguments, remote: RemoteCodeArguments, source: str | None = None, device=None):
+    """The model (``source``: its resolved path, else ``model_name_or_path``) and tokenizer, as the recipe's knobs
+    say: dtype, revision, attention implementation, remote code."""
+    from moe_specialist.models import load_model_and_tokenizer
+
+    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    return load_model_and_tokenizer(
+        source or model_args.model_name_or_path,
+        model_args.dtype,
+        model_args.model_revision,
+        remote.trust_remote_code,
+        device=device,
+        **extra,
+    )
 
 
 def cmd_inspect(argv: list[str]) -> None:
@@ -120,8 +116,8 @@ def cmd_inspect(argv: list[str]) -> None:
 
     if argv and not argv[0].startswith("-"):  # MODEL may come first, as a positional argument
         argv = ["--model", argv[0], *argv[1:]]
-    model_args, inspect_args = _parse("inspect", (ModelArguments, InspectArguments), argv)
-    config = load_config(model_args.model_name_or_path, model_args.model_revision, model_args.trust_remote_code)
+    model_args, remote, inspect_args = _parse("inspect", (InspectArguments,), argv)
+    config = load_config(model_args.model_name_or_path, model_args.model_revision, remote.trust_remote_code)
     report = describe(structure_from_config(config))
     print(
         json.dumps(report, indent=2)
@@ -177,19 +173,14 @@ def format_description(name: str, report: dict) -> str:
 def cmd_calibrate(argv: list[str]) -> None:
     from moe_specialist.calibrate import statistics_for
     from moe_specialist.data.sources import check_data_access
-    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
+    from moe_specialist.models import local_model_dirs
 
-    model_args, calibration, output = _parse(
-        "calibrate", (ModelArguments, CalibrationArguments, OutputArguments), argv
-    )
+    model_args, remote, calibration, output = _parse("calibrate", (CalibrationArguments, OutputArguments), argv)
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path))
     if path.suffix != ".safetensors":
         raise ConfigurationError(
             f"--output {path} must end in .safetensors (a readable .json summary is written next to it)."
         )
-    if calibration.statistics_file and Path(calibration.statistics_file) != path:
-        raise ConfigurationError("calibrate writes --output; --statistics_file is for recipes that reuse statistics.")
-    calibration.statistics_file = str(path)
     check_data_access(
         calibration.calibration_dataset,
         calibration.calibration_directions,
@@ -197,12 +188,15 @@ def cmd_calibrate(argv: list[str]) -> None:
         calibration.calibration_target_files,
     )
     state = _distributed_state()
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
-    )
-    model.to(state.device)
+    model, tokenizer = _load_model(model_args, remote, device=state.device)
     stats = statistics_for(  # the output was checked above: with --overwrite, calibrate again
-        model, tokenizer, calibration, model_args.model_name_or_path, progress=state.is_main_process, reuse=False
+        model,
+        tokenizer,
+        calibration,
+        model_args.model_name_or_path,
+        statistics_file=str(path),
+        progress=state.is_main_process,
+        reuse=False,
     )
     if state.is_main_process:
         tokens = {g: sum(v.values()) for g, v in stats.token_table().items()}
@@ -221,17 +215,15 @@ def cmd_plan(argv: list[str]) -> None:
     from moe_specialist.prune import structure_from_config
     from moe_specialist.stats import RoutingStats
 
-    model_args, inputs, pruning, output = _parse(
-        "plan", (ModelArguments, PlanInputArguments, PruningArguments, OutputArguments), argv
-    )
+    model_args, remote, pruning, output = _parse("plan", (PruningArguments, OutputArguments), argv)
     path = output.checked()
-    stats = RoutingStats.load(inputs.statistics) if inputs.statistics else None
+    stats = RoutingStats.load(pruning.statistics_file) if pruning.statistics_file else None
     name = model_args.model_name_or_path
-    moe = structure_from_config(load_config(name, model_args.model_revision, model_args.trust_remote_code))
+    moe = structure_from_config(load_config(name, model_args.model_revision, remote.trust_remote_code))
     if stats is not None:  # the model is on the meta device: its routers are read from the checkpoint's files
         stats.validate_for(moe, checkpoint=local_checkpoint(name, model_args.model_revision))
     plan = plan_for(moe, stats, pruning)
-    plan.metadata.setdefault("statistics", inputs.statistics or None)
+    plan.metadata.setdefault("statistics", pruning.statistics_file)
     plan.save(path)
     kept = [len(ids) for ids in plan.kept_experts.values()]
     print(f"wrote {path}: {plan.metadata.get('actual_ratio')} of experts removed, kept per layer {kept}")
@@ -254,16 +246,18 @@ def local_checkpoint(name: str, revision: str | None) -> str | None:
 
 def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
-    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs, resolve_model_path
+    from moe_specialist.models import local_model_dirs, resolve_model_path
     from moe_specialist.plan import PLAN_FILE, PrunePlan
     from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
 
-    model_args, inputs, output = _parse("prune", (ModelArguments, PruneInputArguments, OutputArguments), argv)
+    model_args, remote, pruning, inputs, output = _parse(
+        "prune", (PruningArguments, PruneModeArguments, OutputArguments), argv
+    )
     if inputs.mode not in ("disk", "memory", "auto"):
         raise ConfigurationError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
-    if not inputs.plan:
-        raise ConfigurationError("--plan is required: a prune plan JSON from `moe-specialist plan`.")
-    plan = PrunePlan.load(inputs.plan)
+    if not pruning.prune_plan:
+        raise ConfigurationError("--prune_plan is required: a prune plan JSON from `moe-specialist plan`.")
+    plan = PrunePlan.load(pruning.prune_plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()
     path = output.checked(protected=local_model_dirs(source))
@@ -277,9 +271,7 @@ def cmd_prune(argv: list[str]) -> None:
     else:
         from moe_specialist.architectures import find_moe
 
-        model, tokenizer = load_model_and_tokenizer(
-            source, model_args.dtype, model_args.model_revision, model_args.trust_remote_code
-        )
+        model, tokenizer = _load_model(model_args, remote, source)
         moe = find_moe(model)
         summary_before = summarize_moe(moe)
         prune_model(model, plan, moe)
@@ -296,29 +288,15 @@ def cmd_prune(argv: list[str]) -> None:
 
 
 def cmd_evaluate(argv: list[str]) -> None:
-    from moe_specialist.data.sources import load_examples
     from moe_specialist.evaluate import evaluate_translations, summary_line
-    from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
+    from moe_specialist.models import local_model_dirs
 
-    model_args, evaluation, generation, output = _parse(
-        "evaluate", (ModelArguments, EvaluateArguments, GenerationArguments, OutputArguments), argv
+    model_args, remote, evaluation, generation, output = _parse(
+        "evaluate", (EvalDataArguments, GenerationArguments, OutputArguments), argv
     )
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path)) if output.output else None
-    examples = load_examples(
-        evaluation.data,
-        evaluation.pairs,
-        evaluation.split,
-        limit=evaluation.limit,
-        seed=evaluation.seed,
-        target_files=evaluation.target_files,
-    )
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path,
-        model_args.dtype,
-        model_args.model_revision,
-        model_args.trust_remote_code,
-        device=_distributed_state().device,
-    )
+    examples = evaluation.load_eval_examples()
+    model, tokenizer = _load_model(model_args, remote, device=_distributed_state().device)
     result = evaluate_translations(
         model,
         tokenizer,
@@ -329,9 +307,9 @@ def cmd_evaluate(argv: list[str]) -> None:
     )
     result = {
         "model": model_args.model_name_or_path,
-        "data": evaluation.data,
-        "split": evaluation.split,
-        "limit": evaluation.limit,
+        "eval_dataset_name": evaluation.eval_dataset_name,
+        "eval_split": evaluation.eval_split,
+        "max_eval_examples": evaluation.max_eval_examples,
         "dtype": model_args.dtype,
         **result,
     }

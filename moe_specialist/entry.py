@@ -27,6 +27,14 @@ class ArgumentParser(TrlParser):
 
     def __init__(self, dataclass_types, prog: str):
         super().__init__(dataclass_types, prog=prog, allow_abbrev=False)
+        # This project's list-valued knobs take `--knob a b` and `--knob a,b` alike: argparse keeps the words and the
+        # dataclass splits and converts them (configs.normalize_lists), with its own error messages.
+        from moe_specialist.configs import own_list_fields
+
+        own = {name for cls in self.dataclass_types for name in own_list_fields(cls)}
+        for action in self._actions:
+            if action.dest in own:
+                action.type = str
 
     def error(self, message: str) -> NoReturn:
         raise ConfigurationError(f"{message} (see `{self.prog} --help`).")

@@ -24,7 +24,7 @@ import torch
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
-from moe_specialist.configs import PruningArguments, split_list
+from moe_specialist.configs import PruningArguments, split_list, validate_ratio
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import ROLES, RoutingStats
@@ -418,12 +418,6 @@ def check_groups(ids: list[int], num_experts: int, n_group: int, layer: int) -> 
             f"Layer {layer} uses group-limited routing (n_group={n_group}); every group must keep the same number "
             f"of experts, but the plan keeps {per_group} per group."
         )
-
-
-def validate_ratio(ratio: float) -> float:
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigurationError(f"pruning_ratio must be in [0, 1) (share of routed experts removed), got {ratio}.")
-    return ratio
 
 
 def make_plan(

@@ -7,15 +7,21 @@ import re
 from pathlib import Path
 
 import pytest
-from trl import TrlParser
 
-from moe_specialist import sweep
+from moe_specialist import plan
 from moe_specialist.calibrate import calibration_data, calibration_settings
-from moe_specialist.cli import EvaluateArguments
-from moe_specialist.configs import CalibrationArguments, GenerationArguments, check_calibration_data
+from moe_specialist.configs import (
+    ALLOCATION_NAMES,
+    CRITERION_NAMES,
+    CalibrationArguments,
+    EvalDataArguments,
+    GenerationArguments,
+    check_calibration_data,
+)
 from moe_specialist.data.sources import load_examples
+from moe_specialist.entry import ArgumentParser
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.sweep import SweepArguments
+from moe_specialist.sweep import SweepArguments, runner
 from moe_specialist.training.configs import RECIPE_TYPES, DataArguments
 from moe_specialist.training.pipeline import load_data
 
@@ -32,7 +38,11 @@ def parse_recipe(tmp_path: Path, yaml_lines: str = "", *flags: str, types=RECIPE
     """TINY plus ``yaml_lines`` (keys given twice: the last wins), parsed like `python -m moe_specialist.train`."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(TINY.read_text() + yaml_lines)
-    return TrlParser(types).parse_args_and_config(args=["--config", str(recipe), *flags])
+    return ArgumentParser(types, prog="test").parse(["--config", str(recipe), *flags])
+
+
+def parse_flags(types, *flags: str):
+    return ArgumentParser(types, prog="test").parse(list(flags))
 
 
 # --- YAML values against the annotations -----------------------------------------------------------------------------
@@ -43,15 +53,18 @@ def parse_recipe(tmp_path: Path, yaml_lines: str = "", *flags: str, types=RECIPE
     [
         ("calibration_examples: 2.5", "calibration_examples must be an integer, got 2.5 (float)"),
         ("calibration_batch_size: true", "calibration_batch_size must be an integer, got True (bool)"),
-        ("calibration_general_languages: no", "calibration_general_languages must be a string or null, got False"),
+        ("calibration_general_languages: no", "calibration_general_languages must be a list of strings or null, got"),
+        ("calibration_directions: 7", "calibration_directions must be a list of strings, got 7 (int)"),
         ("pruning_ratio: [0.5]", "pruning_ratio must be a number, got [0.5] (list)"),
         ("pruning_top_k: 1.0", "pruning_top_k must be an integer or null, got 1.0 (float)"),
         ("max_eval_examples: 2.0", "max_eval_examples must be an integer or null, got 2.0"),
         ("train_split: 2024", "train_split must be a string, got 2024 (int)"),
         ("mt_eval_on_start: 1", "mt_eval_on_start must be true or false, got 1 (int)"),
-        ("callbacks: expert_pruning", "callbacks must be a list of strings, got 'expert_pruning' (str)"),
+        ("max_new_tokens: 12.5", "max_new_tokens must be an integer, got 12.5 (float)"),
+        ("callbacks: 7", "callbacks must be a list of strings, got 7 (int)"),
         ("wandb_tags: [sweep, 7]", "wandb_tags must be a list of strings or null, got ['sweep', 7]"),
-        ("calibration_target_files: {a: b}", "calibration_target_files must be a string or a list of strings or null"),
+        ("calibration_target_files: {a: b}", "calibration_target_files must be a list of strings or null"),
+        ("model_name_or_path: 7", "model_name_or_path must be a string, got 7 (int)"),
     ],
 )
 def test_yaml_values_of_the_wrong_type_are_refused_when_parsed(tmp_path, yaml_line, message):
@@ -69,11 +82,60 @@ def test_yaml_values_of_the_right_type_pass(tmp_path):
 
 
 def test_sweep_and_generation_values_are_checked(tmp_path):
-    with pytest.raises(ConfigurationError, match=r"ratios must be a string, got 0.5 \(float\)"):
+    with pytest.raises(ConfigurationError, match=r"ratios must be a list of numbers, got 0.5 \(float\)"):
         parse_recipe(tmp_path, "ratios: 0.5\n", types=(*RECIPE_TYPES, SweepArguments))
     (tmp_path / "generation.yaml").write_text("max_new_tokens: 12.5\n")
     with pytest.raises(ConfigurationError, match=r"max_new_tokens must be an integer, got 12.5"):
-        TrlParser((GenerationArguments,)).parse_args_and_config(args=["--config", str(tmp_path / "generation.yaml")])
+        parse_flags((GenerationArguments,), "--config", str(tmp_path / "generation.yaml"))
+
+
+# --- Lists -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        ("train_directions: [en-fr, de-en]\n",),  # a YAML list
+        ("train_directions: en-fr,de-en\n",),  # a comma-separated YAML string (older recipes)
+        ("", "--train_directions", "en-fr", "de-en"),
+        ("", "--train_directions", "en-fr,de-en"),
+        ("", "--train_directions=en-fr, de-en"),  # as a W&B sweep passes it
+    ],
+)
+def test_list_knobs_take_yaml_lists_words_and_commas(tmp_path, spelling):
+    _, data, _, _, _ = parse_recipe(tmp_path, *spelling)
+    assert data.train_directions == ["en-fr", "de-en"] and data.eval_directions == ["en-fr", "de-en"]
+
+
+def test_list_knobs_of_every_dataclass_are_lists(tmp_path):
+    *_, calibration, pruning, training, grid = parse_recipe(
+        tmp_path,
+        "calibration_general_languages: fr\nwandb_tags: demo,en-fr\nsft_criteria: reap\n",
+        "--pruning_groups",
+        "en-fr",
+        "de-en",
+        "--ratios",
+        "0,0.5",
+        "0.75",
+        "--criteria",
+        "reap,gate_mass@global",
+        "--sft_at",
+        "0.75",
+        "--callbacks",
+        "expert_pruning,translation_eval",
+        types=(*RECIPE_TYPES, SweepArguments),
+    )
+    assert calibration.calibration_general_languages == ["fr"] and pruning.pruning_groups == ["en-fr", "de-en"]
+    assert training.wandb_tags == ["demo", "en-fr"] and training.callbacks == ["expert_pruning", "translation_eval"]
+    assert grid.ratios == [0.0, 0.5, 0.75] and grid.sft_at == [0.75]
+    assert grid.criteria == ["reap", "gate_mass@global"] and grid.sft_criteria == ["reap"]
+    assert SweepArguments(ratios=[0, 0.5]).ratios == [0.0, 0.5]  # YAML integers are numbers too
+    assert SweepArguments(ratios="0,0.5", sft_at="0.5").sft_at == [0.5]
+
+
+def test_criterion_and_allocation_names_are_the_registries():
+    """configs names them (for checks before any model loads), plan registers one function per name."""
+    assert set(CRITERION_NAMES) == set(plan.CRITERIA) and set(ALLOCATION_NAMES) == set(plan.ALLOCATIONS)
 
 
 # --- Ranges ----------------------------------------------------------------------------------------------------------
@@ -86,9 +148,11 @@ def test_sweep_and_generation_values_are_checked(tmp_path):
         (["--calibration_max_length", "1"], "calibration_max_length must be at least 2, got 1"),
         (["--calibration_examples", "0"], "calibration_examples must be positive, got 0"),
         (["--random_seeds", "0"], "random_seeds must be positive, got 0"),
-        (["--ratios", "0,1.5"], r"--ratios: 1.5 is not in \[0, 1\)"),
-        (["--ratios", "0,half"], r"--ratios: 'half' is not a number"),
+        (["--ratios", "0,1.5"], r"ratios: 1.5 is not in \[0, 1\)"),
+        (["--ratios", "0", "1.5"], r"ratios: 1.5 is not in \[0, 1\)"),
+        (["--ratios", "0,half"], r"ratios: 'half' is not a number"),
         (["--ratios", " , "], "--ratios is empty"),
+        (["--sft_at", "0.5,2"], r"sft_at: 2.0 is not in \[0, 1\)"),
         (["--sft_at", "0.9"], r"--sft_at ratios \[0.9\] are not among --ratios"),
         (["--criteria", "frequency,bogus"], "Unknown criterion 'bogus' in --criteria"),
         (["--criteria", "frequency@smart"], "Unknown allocation 'smart' in --criteria"),
@@ -114,9 +178,9 @@ def test_the_sweep_refuses_a_bad_grid_before_loading_the_model(tmp_path, monkeyp
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(sweep, "load_model_and_tokenizer", never)
+    monkeypatch.setattr(runner, "load_model_and_tokenizer", never)
     with pytest.raises(ConfigurationError):
-        sweep.run_sweep_cli(["--config", str(SWEEP_RECIPE), "--output_dir", str(tmp_path / "out"), *flags])
+        runner.run_sweep_cli(["--config", str(SWEEP_RECIPE), "--output_dir", str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()
 
 
@@ -205,17 +269,26 @@ def test_sft_and_eval_data_read_aligned_text_files(tmp_path):
     assert [(ex.source, ex.references) for ex in evaluation["en-fr"]] == [("Yes.", ("Oui.",)), ("No.", ("Non.",))]
 
 
-def test_evaluate_arguments_take_target_files():
-    evaluation = TrlParser((EvaluateArguments,)).parse_args_and_config(
-        args=["--data", str(FILES / "aligned.en"), "--pairs", "en-fr", "--target_files", str(FILES / "aligned.fr")]
-    )[0]
-    assert evaluation.target_files == [str(FILES / "aligned.fr")]
-    examples = load_examples(evaluation.data, evaluation.pairs, evaluation.split, target_files=evaluation.target_files)
+def test_evaluated_data_arguments_take_target_files():
+    (evaluation,) = parse_flags(
+        (EvalDataArguments,),
+        *("--eval_dataset_name", str(FILES / "aligned.en"), "--eval_directions", "en-fr"),
+        *("--eval_target_files", str(FILES / "aligned.fr")),
+    )
+    assert evaluation.eval_target_files == [str(FILES / "aligned.fr")]
+    examples = load_examples(
+        evaluation.eval_dataset_name,
+        evaluation.eval_directions,
+        evaluation.eval_split,
+        target_files=evaluation.eval_target_files,
+    )
     assert [ex.references for ex in examples["en-fr"]] == [(refs[0],) for refs in ALIGNED_REFERENCES]
-    with pytest.raises(ConfigurationError, match="target_files only apply to local files .* not to the bible source"):
-        EvaluateArguments(data="bible", target_files="refs.fr")
-    with pytest.raises(ConfigurationError, match="limit must be positive, got 0"):
-        EvaluateArguments(limit=0)
+    with pytest.raises(ConfigurationError, match="eval_target_files only apply to local files .* not to the bible"):
+        EvalDataArguments(eval_dataset_name="bible", eval_directions="en-fr", eval_target_files="refs.fr")
+    with pytest.raises(ConfigurationError, match="max_eval_examples must be positive, got 0"):
+        EvalDataArguments(eval_directions=["en-fr"], max_eval_examples=0)
+    default = EvalDataArguments()  # what a recipe's SFT data defaults to
+    assert (default.eval_dataset_name, default.eval_directions, default.eval_split) == ("bible", ["en-fr"], "dev")
 
 
 def test_target_files_of_a_built_in_source_name_their_knob(tmp_path):

@@ -270,7 +270,7 @@ def test_statistics_from_the_caller_are_used(tiny_translator, tmp_path):
     """What a sweep does: calibrate once, then run every point with the same statistics."""
     args = recipe(tiny_translator, tmp_path / "with_stats", "--max_steps", "0", "--pruning_criterion", "gate_mass")
     model, tokenizer = load_model_and_tokenizer(str(tiny_translator))
-    stats = statistics_for(model, tokenizer, args[2], "tiny", progress=False)
+    stats = statistics_for(model, tokenizer, args[2], "tiny", statistics_file=None, progress=False)
     results = run(*args, stats=stats)
     assert "calibrate" not in results["timings"]
     expected = plan_for(find_moe(model), stats, args[3])

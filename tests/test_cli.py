@@ -41,7 +41,7 @@ def pipeline(tmp_path_factory, tiny_translator):
         "plan",
         "--model",
         tiny_translator,
-        "--statistics",
+        "--statistics_file",
         out / "stats.safetensors",
         "--pruning_ratio",
         0.5,
@@ -54,12 +54,12 @@ def pipeline(tmp_path_factory, tiny_translator):
         "--output",
         out / "plan.json",
     )
-    run("prune", "--model", tiny_translator, "--plan", out / "plan.json", "--output", out / "disk")
+    run("prune", "--model", tiny_translator, "--prune_plan", out / "plan.json", "--output", out / "disk")
     run(
         "prune",
         "--model",
         tiny_translator,
-        "--plan",
+        "--prune_plan",
         out / "plan.json",
         "--output",
         out / "memory",
@@ -115,11 +115,12 @@ def test_evaluate_writes_scores_and_records(pipeline, capsys):
         "evaluate",
         "--model",
         pipeline / "disk",
-        "--pairs",
-        "en-fr,de-en",
-        "--split",
+        "--eval_directions",
+        "en-fr",
+        "de-en",
+        "--eval_split",
         "test",
-        "--limit",
+        "--max_eval_examples",
         3,
         "--max_new_tokens",
         6,
@@ -135,6 +136,8 @@ def test_evaluate_writes_scores_and_records(pipeline, capsys):
     hypotheses = [record["hypothesis"] for record in en_fr["records"]]
     assert en_fr["off_target_rate"] == round(off_target_rate(hypotheses, "fr"), 4)
     assert scores["decoding"]["max_new_tokens"] == 6
+    assert (scores["eval_dataset_name"], scores["eval_split"], scores["max_eval_examples"]) == ("bible", "test", 3)
+    assert scores["dtype"] == "auto"
     assert "avg chrF++" in capsys.readouterr().out
 
 
@@ -144,7 +147,7 @@ def test_existing_output_is_refused(pipeline):
             "plan",
             "--model",
             pipeline / "disk",
-            "--statistics",
+            "--statistics_file",
             pipeline / "stats.safetensors",
             "--output",
             pipeline / "plan.json",
@@ -157,7 +160,7 @@ def test_bad_ratio_and_foreign_statistics(pipeline, tiny_translator, tmp_path):
             "plan",
             "--model",
             tiny_translator,
-            "--statistics",
+            "--statistics_file",
             pipeline / "stats.safetensors",
             "--pruning_ratio",
             1.5,
@@ -170,7 +173,7 @@ def test_bad_ratio_and_foreign_statistics(pipeline, tiny_translator, tmp_path):
             "plan",
             "--model",
             pipeline / "disk",
-            "--statistics",
+            "--statistics_file",
             pipeline / "stats.safetensors",
             "--output",
             tmp_path / "p.json",
@@ -203,8 +206,13 @@ def test_calibrate_overwrite_recalibrates_and_settings_are_checked_on_reuse(pipe
     run("calibrate", "--model", tiny_translator, "--calibration_examples", 3, "--output", target, "--overwrite")
     assert RoutingStats.load(target).metadata["data"]["examples"] == {"en-fr": 3}
     model, tokenizer = load_model_and_tokenizer(str(tiny_translator))
-    args = CalibrationArguments(calibration_examples=5, statistics_file=str(target))
+    args = CalibrationArguments(calibration_examples=5)
     with pytest.raises(StatisticsMismatchError, match="calibration_examples=3"):
-        statistics_for(model, tokenizer, args, "tiny")
+        statistics_for(model, tokenizer, args, "tiny", statistics_file=str(target))
     args.calibration_examples = 3
-    assert statistics_for(model, tokenizer, args, "tiny").groups == ["en-fr"]
+    assert statistics_for(model, tokenizer, args, "tiny", statistics_file=str(target)).groups == ["en-fr"]
+    # files written when list-valued knobs were comma-separated strings still match
+    stats = RoutingStats.load(target)
+    stats.metadata["calibration"]["calibration_directions"] = "en-fr"
+    stats.save(target)
+    assert statistics_for(model, tokenizer, args, "tiny", statistics_file=str(target)).groups == ["en-fr"]

@@ -321,7 +321,7 @@ def test_unknown_file_format(tmp_path):
         ValueError, match=r"Cannot tell the format of .*corpus.txt: name it \*.tsv or \*.jsonl"
     ) as error:
         read_parallel_file(path, (EN, FR))
-    for knob in ("calibration_target_files", "dataset_target_files", "eval_target_files", "--target_files"):
+    for knob in ("calibration_target_files", "dataset_target_files", "eval_target_files"):
         assert knob in str(error.value)
 
 

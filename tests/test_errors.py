@@ -57,11 +57,31 @@ def test_ten_bad_inputs_get_one_paragraph_each(capsys, tiny_translator, stats_fi
         ),
         (("inspect", tmp_path / "missing"), f"moe-specialist inspect: error: No model at {tmp_path / 'missing'}"),
         (
-            ("plan", "--model", model, "--statistics", stats_file, "--pruning_rat", "0.5", "--output", tmp_path / "p"),
+            (
+                "plan",
+                "--model",
+                model,
+                "--statistics_file",
+                stats_file,
+                "--pruning_rat",
+                "0.5",
+                "--output",
+                tmp_path / "p",
+            ),
             "moe-specialist plan: error: Unknown argument(s) --pruning_rat 0.5: flags are spelled out in full",
         ),
         (
-            ("plan", "--model", model, "--statistics", stats_file, "--pruning_ratio", "1.5", "--output", "p.json"),
+            (
+                "plan",
+                "--model",
+                model,
+                "--statistics_file",
+                stats_file,
+                "--pruning_ratio",
+                "1.5",
+                "--output",
+                "p.json",
+            ),
             "moe-specialist plan: error: pruning_ratio must be in [0, 1)",
         ),
         (
@@ -69,16 +89,40 @@ def test_ten_bad_inputs_get_one_paragraph_each(capsys, tiny_translator, stats_fi
             "moe-specialist plan: error: Unknown pruning_criterion 'magic'",
         ),
         (
-            ("prune", "--model", model, "--plan", write("list.json", {"kept_experts": [[0, 1]]}), "--output", "o"),
+            (
+                "prune",
+                "--model",
+                model,
+                "--prune_plan",
+                write("list.json", {"kept_experts": [[0, 1]]}),
+                "--output",
+                "o",
+            ),
             "moe-specialist prune: error:",
         ),
         (
-            ("prune", "--model", model, "--plan", write("few.json", {"kept_experts": {"0": [3]}}), "--output", "o"),
+            (
+                "prune",
+                "--model",
+                model,
+                "--prune_plan",
+                write("few.json", {"kept_experts": {"0": [3]}}),
+                "--output",
+                "o",
+            ),
             "moe-specialist prune: error: Layer 0 would keep 1 experts, fewer than top-k=2",
         ),
         (
-            ("prune", "--model", model, "--plan", tmp_path / "absent.json", "--output", tmp_path / "o"),
+            ("prune", "--model", model, "--prune_plan", tmp_path / "absent.json", "--output", tmp_path / "o"),
             "moe-specialist prune: error: No prune plan at",
+        ),
+        (
+            ("prune", "--model", model, "--output", tmp_path / "o"),
+            "moe-specialist prune: error: --prune_plan is required",
+        ),
+        (
+            ("prune", "--model", model, "--plan", tmp_path / "absent.json", "--output", tmp_path / "o"),
+            "moe-specialist prune: error: Unknown argument(s) --plan",  # one name per knob: the recipe's
         ),
         (
             ("calibrate", "--model", model, "--output", stats_file),
@@ -97,7 +141,15 @@ def test_ten_bad_inputs_get_one_paragraph_each(capsys, tiny_translator, stats_fi
             "moe-specialist calibrate: error: Unknown recipe key(s) calibration_exampels: remove them",
         ),
         (
-            ("evaluate", "--model", model, "--data", tmp_path / "nowhere.tsv", "--pairs", "en-fr"),
+            (
+                "evaluate",
+                "--model",
+                model,
+                "--eval_dataset_name",
+                tmp_path / "nowhere.tsv",
+                "--eval_directions",
+                "en-fr",
+            ),
             "moe-specialist evaluate: error: Data source",
         ),
     ]
@@ -127,9 +179,21 @@ def test_plan_refuses_statistics_of_another_checkpoint_with_the_same_config(
 ):
     sibling = build_tiny_translator(tmp_path / "sibling", demo_tokenizer, seed=1)  # same config, other weights
     capsys.readouterr()
-    line = user_error(capsys, "plan", "--model", sibling, "--statistics", stats_file, "--output", tmp_path / "p.json")
+    line = user_error(
+        capsys, "plan", "--model", sibling, "--statistics_file", stats_file, "--output", tmp_path / "p.json"
+    )
     assert "collected on a model with other router weights" in line
-    main(["plan", "--model", str(tiny_translator), "--statistics", str(stats_file), "--output", str(tmp_path / "ok")])
+    main(
+        [
+            "plan",
+            "--model",
+            str(tiny_translator),
+            "--statistics_file",
+            str(stats_file),
+            "--output",
+            str(tmp_path / "ok"),
+        ]
+    )
     assert json.loads((tmp_path / "ok").read_text())["kept_experts"]
 
 
@@ -201,7 +265,7 @@ def test_tensors_are_untouched_by_a_refused_prune(tiny_translator, tmp_path, cap
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"kept_experts": {str(i): [0, 1, 2, 3] for i in range(4)}}))
     line = user_error(
-        capsys, "prune", "--model", tiny_translator, "--plan", plan, "--output", tiny_translator, "--overwrite"
+        capsys, "prune", "--model", tiny_translator, "--prune_plan", plan, "--output", tiny_translator, "--overwrite"
     )
     assert line.startswith("moe-specialist prune: error:")
     after = load_file(Path(tiny_translator) / "model.safetensors")

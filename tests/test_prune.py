@@ -351,7 +351,7 @@ def test_a_killed_on_disk_prune_leaves_no_output_and_the_rerun_cleans_up(tmp_pat
     shards = sorted(read_weight_map(tmp_path / "original").values())
     first_shard = shards[0]
     assert len(set(shards)) == 6
-    arguments = ["prune", "--model", tmp_path / "original", "--plan", tmp_path / "plan.json"]
+    arguments = ["prune", "--model", tmp_path / "original", "--prune_plan", tmp_path / "plan.json"]
     arguments = [str(a) for a in (*arguments, "--output", tmp_path / "out", "--mode", "disk")]
 
     def staged() -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig
 
-from moe_specialist.configs import CalibrationArguments, PruningArguments
+from moe_specialist.configs import CalibrationArguments, GenerationArguments, ModelArguments, PruningArguments
 from moe_specialist.training.callbacks import CALLBACKS
 from moe_specialist.training.configs import DataArguments, SFTConfig, make_parser
 
@@ -43,7 +43,7 @@ def test_the_required_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(RECIPES_DIR).as_posix())
 def test_every_recipe_parses(path):
     model, data, calibration, pruning, training = parse("--config", str(path))
-    assert isinstance(model, ModelConfig) and isinstance(data, DataArguments)
+    assert isinstance(model, ModelArguments) and isinstance(model, ModelConfig) and isinstance(data, DataArguments)
     assert isinstance(calibration, CalibrationArguments) and isinstance(pruning, PruningArguments)
     assert isinstance(training, SFTConfig)
     assert model.model_name_or_path and training.output_dir
@@ -61,12 +61,11 @@ def test_every_recipe_parses(path):
 
 @pytest.mark.parametrize("path", SWEEP_RECIPES, ids=lambda p: p.relative_to(RECIPES_DIR).as_posix())
 def test_every_sweep_recipe_parses(path):
-    from trl import TrlParser
-
+    from moe_specialist.entry import ArgumentParser
     from moe_specialist.sweep import SweepArguments
     from moe_specialist.training.configs import RECIPE_TYPES
 
-    parsed = TrlParser((*RECIPE_TYPES, SweepArguments)).parse_args_and_config(args=["--config", str(path)])
+    parsed = ArgumentParser((*RECIPE_TYPES, SweepArguments), prog="sweep").parse(["--config", str(path)])
     assert isinstance(parsed[4], SFTConfig) and isinstance(parsed[5], SweepArguments)
 
 
@@ -77,7 +76,8 @@ def test_gpu_recipes_calibrate_on_train_data_and_evaluate_on_flores_dev(model):
         assert calibration.calibration_split == "train" and calibration.calibration_dataset == "bible"
         assert data.dataset_name == "bible" and data.train_split == "train"
         assert (data.eval_dataset_name, data.eval_split) == ("flores_plus", "dev")
-        assert data.eval_directions == data.train_directions == path.parent.name
+        assert data.eval_directions == data.train_directions == calibration.calibration_directions
+        assert data.train_directions == [path.parent.name]
         assert training.bf16 and training.report_to == ["wandb"]
         assert "wmt24pp" in path.read_text()  # the final report command
 
@@ -121,19 +121,49 @@ def test_cli_flags_override_yaml_which_overrides_defaults():
     assert training.max_steps == 2 and data.max_train_examples == 8  # YAML values kept
     assert calibration.calibration_examples == 8
     assert pruning.pruning_top_k is None and data.dataset_seed == 0  # dataclass defaults where YAML is silent
-    assert data.eval_dataset_name == "bible" and data.eval_directions == "en-fr"  # derived from the train data
+    assert data.eval_dataset_name == "bible" and data.eval_directions == ["en-fr"]  # derived from the train data
     assert model.dtype == "float32"
+
+
+def test_one_default_per_knob_for_recipes_and_commands():
+    """The commands parse the recipe's dataclasses: a knob a recipe leaves out has the command's default."""
+    from moe_specialist.cli import _parse
+
+    model, _, _, pruning, training = parse("--output_dir", "out")
+    assert (model.model_name_or_path, model.dtype) == ("demo", "auto")  # auto: float32 for demo, else the checkpoint's
+    assert training.max_new_tokens == GenerationArguments.max_new_tokens == 256
+    assert training.generation_batch_size == GenerationArguments.generation_batch_size
+    command_model, _, command_pruning, generation = _parse("x", (PruningArguments, GenerationArguments), [])
+    assert command_model == model and command_pruning == pruning
+    assert generation.max_new_tokens == training.max_new_tokens
+    assert parse("--output_dir", "out", "--model", "x")[0].model_name_or_path == "x"  # --model is short for it
+
+
+def test_demo_recipes_keep_their_float32_scores():
+    from moe_specialist.entry import ArgumentParser
+    from moe_specialist.sweep import SweepArguments
+    from moe_specialist.training.configs import RECIPE_TYPES
+
+    sweep_parser = ArgumentParser((*RECIPE_TYPES, SweepArguments), prog="sweep")
+    for path in sorted((RECIPES_DIR / "demo").rglob("*.yaml")):
+        parser = sweep_parser if path in SWEEP_RECIPES else make_parser()
+        assert parser.parse(["--config", str(path)])[0].dtype == "float32"
+
+
+def test_push_to_hub_is_refused_with_how_to_push_the_pruned_model():
+    with pytest.raises(ValueError, match=r"push_to_hub is not supported.*hf upload <repo id> <output_dir>/model"):
+        parse("--config", str(TINY), "--push_to_hub", "true")
 
 
 def test_yaml_overrides_defaults_and_env_block_is_exported(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "env:\n  MOE_SPECIALIST_TEST_VAR: exported\n"
-        "model_name_or_path: demo\noutput_dir: out\npruning_ratio: 0.25\nmt_eval_max_new_tokens: 7\n"
+        "model_name_or_path: demo\noutput_dir: out\npruning_ratio: 0.25\nmax_new_tokens: 7\n"
     )
     _, _, _, pruning, training = parse("--config", str(recipe))
     assert os.environ["MOE_SPECIALIST_TEST_VAR"] == "exported"
-    assert pruning.pruning_ratio == 0.25 and training.mt_eval_max_new_tokens == 7
+    assert pruning.pruning_ratio == 0.25 and training.max_new_tokens == 7
     assert training.callbacks == ["expert_pruning", "translation_eval"]  # the default
 
 
@@ -157,7 +187,9 @@ def test_unknown_flag_fails():
             r"Unknown callback\(s\) 'mt_eval'.*known callbacks: expert_pruning, ",
         ),
         (["--train_router_only", "true", "--freeze_router", "true"], "contradict each other"),
-        (["--mt_eval_max_new_tokens", "0"], "mt_eval_max_new_tokens must be positive"),
+        (["--max_new_tokens", "0"], "max_new_tokens must be positive"),
+        (["--generation_batch_size", "0"], "generation_batch_size must be positive"),
+        (["--train_directions", " , "], "train_directions is empty: give at least one direction"),
         (["--pruning_ratio", "1.0"], r"pruning_ratio must be in \[0, 1\)"),
         (["--dataset_name", "flores_plus"], "is a test set and must not be trained on"),
         (["--max_train_examples", "0"], "max_train_examples must be positive, got 0"),

@@ -159,7 +159,7 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
         "0.5",
         "--max_eval_examples",
         "3",
-        "--mt_eval_max_new_tokens",
+        "--max_new_tokens",
         "4",
         "--report_to",
         "wandb",

@@ -20,7 +20,7 @@ def sweep_command(model_dir: Path, output_dir: Path) -> list[str]:
         sys.executable, "-m", "moe_specialist.cli", "sweep", "--config", str(RECIPE),
         "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
         "--ratios", "0,0.25,0.5,0.75", "--criteria", "frequency,gate_mass", "--max_eval_examples", "3",
-        "--mt_eval_max_new_tokens", "4", "--report_to", "none",
+        "--max_new_tokens", "4", "--report_to", "none",
     ]  # fmt: skip
 
 

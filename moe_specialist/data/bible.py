@@ -160,7 +160,7 @@ def verse_ids(split: str, verses: dict[str, dict[str, str]]) -> list[str]:
 
 
 def sample_order(ids: list[str], seed: int) -> list[str]:
-    """A seeded order spread over all chapters, so that ``--limit N`` takes a representative sample."""
+    """A seeded order spread over all chapters, so that ``max_eval_examples: N`` takes a representative sample."""
     return sorted(ids, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).digest())
 
 

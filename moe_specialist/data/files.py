@@ -237,7 +237,7 @@ def check_file_format(path: Path, aligned: bool) -> None:
         raise ConfigurationError(
             f"Cannot tell the format of {path}: name it *.tsv or *.jsonl, or, for a plain-text source file, give "
             "the reference file(s) aligned with it: calibration_target_files, dataset_target_files or "
-            "eval_target_files in a recipe, --target_files for `moe-specialist evaluate`."
+            "eval_target_files (recipe keys and command-line flags alike)."
         )
 
 

@@ -1,7 +1,7 @@
 """Language codes: one place that maps FLORES-200 codes, short ISO codes and English names.
 
 The pipeline speaks FLORES-200 codes (``eng_Latn``) internally, like FLORES+ and the NLLB/smollm task lists; users may
-write the short ISO 639-1 code (``en``) anywhere a language is asked for (``--pairs en-fr``).
+write the short ISO 639-1 code (``en``) anywhere a language is asked for (``--eval_directions en-fr``).
 """
 
 from __future__ import annotations

@@ -144,9 +144,9 @@ def model_card(summary: dict, balance: dict, divergence: dict, scores: dict, par
         "## Translation quality (held-out test chapters)",
         "",
         f"Greedy decoding, `max_new_tokens={scores['decoding']['max_new_tokens']}`, no repetition guard; "
-        "multi-reference (every translation of the target language). Reproduce with "
-        "`moe-specialist evaluate --model demo --data bible --pairs en-fr,de-en --split test"
-        + (f" --limit {scores['limit']}" if scores.get("limit") else "")
+        "multi-reference (every translation of the target language). Reproduce with `moe-specialist evaluate "
+        "--model demo --eval_dataset_name bible --eval_directions en-fr,de-en --eval_split test"
+        + (f" --max_eval_examples {scores['limit']}" if scores.get("limit") else "")
         + f" --max_new_tokens {scores['decoding']['max_new_tokens']}`.",
         "",
         "| direction | verses | chrF++ | BLEU | off-target |",

@@ -1,17 +1,21 @@
 """Recipe dataclasses: what one prune(+SFT) run reads from its YAML recipe and the command line.
 
-A recipe is flat YAML parsed by TRL's ``TrlParser`` into, in this order:
+A recipe is flat YAML parsed by TRL's ``TrlParser`` into, in this order (:data:`RECIPE_TYPES`):
 
-1. ``trl.ModelConfig``: ``model_name_or_path`` (a Hub id, a local directory or ``demo``), ``dtype``, ``use_peft`` and
-   the ``lora_*`` fields;
-2. :class:`DataArguments`: SFT and evaluation data;
-3. :class:`~moe_specialist.configs.CalibrationArguments`: routing statistics (shared with the CLI);
-4. :class:`~moe_specialist.configs.PruningArguments`: criterion, allocation, ratio (shared with the CLI);
-5. :class:`SFTConfig`: ``trl.SFTConfig`` plus the callbacks, W&B identity, MT-eval decoding and trainable-set knobs.
+1. :class:`~moe_specialist.configs.ModelArguments` (``trl.ModelConfig``): ``model_name_or_path`` (a Hub id, a local
+   directory or ``demo``), ``dtype``, ``use_peft`` and the ``lora_*`` fields;
+2. :class:`DataArguments`: SFT data, plus the evaluated data of
+   :class:`~moe_specialist.configs.EvalDataArguments`;
+3. :class:`~moe_specialist.configs.CalibrationArguments`: routing statistics;
+4. :class:`~moe_specialist.configs.PruningArguments`: criterion, allocation, ratio, statistics file, plan to replay;
+5. :class:`SFTConfig`: ``trl.SFTConfig`` plus the callbacks, W&B identity, the decoding of
+   :class:`~moe_specialist.configs.GenerationArguments` and the trainable-set knobs.
 
-Precedence is dataclass default < YAML < command-line flag; unknown YAML keys fail; an ``env:`` mapping in the YAML is
-exported before parsing. Everything a sweep varies (``pruning_ratio``, ``pruning_criterion``, ``learning_rate``,
-``seed``...) is a top-level scalar, so a recipe key, a CLI flag and a W&B sweep parameter are the same name.
+The ``moe-specialist`` commands parse the same dataclasses (``evaluate`` takes ``EvalDataArguments`` and
+``GenerationArguments``), so a knob has one name and one default everywhere. Precedence is dataclass default < YAML
+< command-line flag; unknown YAML keys fail; an ``env:`` mapping in the YAML is exported before parsing. Everything a
+sweep varies (``pruning_ratio``, ``pruning_criterion``, ``learning_rate``, ``seed``...) is a top-level value, so a
+recipe key, a CLI flag and a W&B sweep parameter are the same name.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 import trl
-from trl import ModelConfig
 
 from moe_specialist.configs import (
+    DEFAULT_DATASET,
+    DEFAULT_DIRECTIONS,
     TARGET_FILES_HELP,
     CalibrationArguments,
+    EvalDataArguments,
+    GenerationArguments,
+    ModelArguments,
     PruningArguments,
     check_field_types,
     check_minimum,
-    split_list,
+    normalize_lists,
 )
 from moe_specialist.errors import ConfigurationError
 
@@ -38,41 +46,37 @@ DEFAULT_CALLBACKS = ["expert_pruning", "translation_eval"]
 
 
 @dataclass
-class DataArguments:
-    """SFT data (never a test set) and the translations scored during training (dev data)."""
+class DataArguments(EvalDataArguments):
+    """SFT data (never a test set), plus the translations scored during training (dev data, inherited fields)."""
 
     dataset_name: str = field(
-        default="bible",
+        default=DEFAULT_DATASET,
         metadata={
             "help": "SFT data: bible or a local TSV/JSONL file or glob. Test sets (flores_plus, wmt24pp) refused."
         },
     )
-    train_directions: str = field(default="en-fr", metadata={"help": "Comma-separated directions, e.g. en-de,en-ja."})
+    train_directions: list[str] = field(
+        default_factory=lambda: list(DEFAULT_DIRECTIONS),
+        metadata={"help": "Directions, e.g. en-de en-ja (or en-de,en-ja)."},
+    )
     train_split: str = field(default="train")
-    dataset_target_files: None | str | list[str] = field(default=None, metadata={"help": TARGET_FILES_HELP})
+    dataset_target_files: list[str] | None = field(default=None, metadata={"help": TARGET_FILES_HELP})
     max_train_examples: int | None = field(
         default=None, metadata={"help": "Examples per direction (a seeded sample)."}
     )
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Data scored during training (default: dataset_name), e.g. flores_plus."}
-    )
-    eval_directions: str | None = field(default=None, metadata={"help": "Default: train_directions."})
-    eval_split: str = field(default="dev", metadata={"help": "dev for monitoring; report on devtest/test afterwards."})
-    eval_target_files: None | str | list[str] = field(default=None, metadata={"help": TARGET_FILES_HELP})
-    max_eval_examples: int | None = field(default=100, metadata={"help": "Examples per direction (a seeded sample)."})
-    dataset_seed: int = field(default=0, metadata={"help": "Seed of the train/eval samples (not of training)."})
 
     def __post_init__(self):
         from moe_specialist.data.sources import DataSelection, check_target_files, check_trainable, selections_overlap
 
+        normalize_lists(self)
         check_field_types(self)
         check_trainable(self.dataset_name)
+        if not self.train_directions:
+            raise ConfigurationError("train_directions is empty: give at least one direction such as en-fr.")
         self.eval_dataset_name = self.eval_dataset_name or self.dataset_name
         self.eval_directions = self.eval_directions or self.train_directions
-        self.dataset_target_files = split_list(self.dataset_target_files)
-        self.eval_target_files = split_list(self.eval_target_files)
+        super().__post_init__()  # the evaluated data's own checks
         check_target_files(self.dataset_name, self.dataset_target_files, "dataset_target_files")
-        check_target_files(self.eval_dataset_name, self.eval_target_files, "eval_target_files")
         trained = DataSelection(self.dataset_name, self.train_split, self.dataset_target_files)
         evaluated = DataSelection(self.eval_dataset_name, self.eval_split, self.eval_target_files)
         if selections_overlap(trained, evaluated):
@@ -84,15 +88,16 @@ class DataArguments:
             raise ConfigurationError(
                 f"The eval data ({evaluated}) overlaps the SFT data ({trained}): evaluate on {fix}."
             )
-        for name in ("train_directions", "eval_directions"):
-            if not split_list(getattr(self, name)):
-                raise ConfigurationError(f"{name} is empty: give at least one direction such as en-fr.")
-        check_minimum(self, 1, "max_train_examples", "max_eval_examples")
+        check_minimum(self, 1, "max_train_examples")
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
-    """``trl.SFTConfig`` plus the pipeline's knobs (open-r1 style: every field is a recipe key and a CLI flag)."""
+class SFTConfig(trl.SFTConfig, GenerationArguments):
+    """``trl.SFTConfig`` plus the pipeline's knobs (open-r1 style: every field is a recipe key and a CLI flag).
+
+    The decoding knobs of every score (``max_new_tokens``, ``generation_batch_size``, ``no_repeat_ngram_size``) are
+    those of :class:`~moe_specialist.configs.GenerationArguments`, shared with ``moe-specialist evaluate``.
+    """
 
     # Which callbacks the run uses (registry names, see moe_specialist.training.callbacks.CALLBACKS)
     callbacks: list[str] = field(
@@ -118,10 +123,7 @@ class SFTConfig(trl.SFTConfig):
     wandb_job_type: str = field(default="prune_sft", metadata={"help": "W&B job type."})
     wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags."})
 
-    # Translation evaluation during training (greedy decoding; see TranslationEvalCallback)
-    mt_eval_max_new_tokens: int = field(default=256, metadata={"help": "Always set: generate() defaults to 20."})
-    mt_eval_batch_size: int = field(default=32, metadata={"help": "Generation batch size per process."})
-    mt_eval_no_repeat_ngram_size: int = field(default=0, metadata={"help": "Repetition guard (0 = off)."})
+    # Translation evaluation during training (TranslationEvalCallback; its decoding: GenerationArguments)
     mt_eval_num_samples_table: int = field(
         default=8, metadata={"help": "Rows per direction in the W&B table of sample translations (0 = none)."}
     )
@@ -136,7 +138,16 @@ class SFTConfig(trl.SFTConfig):
     freeze_router: bool = field(default=False, metadata={"help": "Keep the routers fixed (train everything else)."})
 
     def __post_init__(self):
-        check_field_types(self, inspect.get_annotations(SFTConfig))  # the inherited fields are transformers' to check
+        own = inspect.get_annotations(SFTConfig)
+        normalize_lists(self, own)
+        check_field_types(self, own)  # the fields of trl.SFTConfig are transformers' and TRL's to check
+        GenerationArguments.__post_init__(self)
+        if self.push_to_hub:
+            raise ConfigurationError(
+                "push_to_hub is not supported: the Trainer would push output_dir (its checkpoints), not the pruned "
+                "model the run saves in output_dir/model. Push that after the run, e.g. "
+                "`hf upload <repo id> <output_dir>/model`."
+            )
         if not _accelerator_visible() and _fsdp_launch():
             raise ConfigurationError(
                 "An FSDP launch without a GPU: accelerate runs FSDP on GPUs only and would silently fall back to "
@@ -159,8 +170,7 @@ class SFTConfig(trl.SFTConfig):
         check_callback_names(self.callbacks)
         if self.train_router_only and self.freeze_router:
             raise ConfigurationError("train_router_only and freeze_router contradict each other: choose one.")
-        check_minimum(self, 1, "mt_eval_max_new_tokens", "mt_eval_batch_size")
-        check_minimum(self, 0, "mt_eval_no_repeat_ngram_size", "mt_eval_num_samples_table")
+        check_minimum(self, 0, "mt_eval_num_samples_table")
         if self.max_steps < -1:
             raise ConfigurationError(
                 f"max_steps must be -1 (use num_train_epochs), 0 (prune only) or positive, got {self.max_steps}."
@@ -189,7 +199,7 @@ def _fsdp_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
-RECIPE_TYPES = (ModelConfig, DataArguments, CalibrationArguments, PruningArguments, SFTConfig)
+RECIPE_TYPES = (ModelArguments, DataArguments, CalibrationArguments, PruningArguments, SFTConfig)
 
 
 def make_parser():
