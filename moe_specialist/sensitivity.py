@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moe_specialist.architectures import COUNT_ATTRIBUTES, MoELayer, MoEModel
@@ -80,23 +81,32 @@ def layer_costs(
     """``[layer, count]``: loss increase when only that layer keeps its ``count`` best experts (``scores``).
 
     Counts between measured ones are interpolated linearly; keeping every expert costs 0; counts below the
-    minimum are infinite.
+    minimum are infinite. Under torch.distributed (a collective: every rank must call it, with the same model and
+    batches) each rank measures every ``world``-th loss with rank 0's ranking and the losses are all-reduced, so the
+    work is split and every rank returns the same table as one process would.
     """
+    device = next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if world > 1:  # one ranking, so that every rank's share cuts the experts the others' do
+        scores = scores.to(device=device, memory_format=torch.contiguous_format, copy=True)
+        dist.broadcast(scores, src=0)
+        scores = scores.cpu()
+    cuts: list[tuple[int, int] | None] = [None]  # None: the unpruned model, whose loss every cost is relative to
+    cuts += [(p, count) for p in range(len(moe.layers)) for count in grid_counts(budget.counts(p))]
+    losses = torch.zeros(len(cuts), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    base = target_loss(model, batches)
-    costs = torch.full((len(moe.layers), max(budget.num_experts) + 1), math.inf, dtype=torch.float64)
-    jobs = [
-        (position, count)
-        for position, n in enumerate(budget.num_experts)
-        for count in grid_counts(budget.counts(position))
-    ]
-    measured: dict[int, dict[int, float]] = {p: {n: 0.0} for p, n in enumerate(budget.num_experts)}
-    for position, count in tqdm(jobs, desc="layer sensitivity", disable=not progress):
-        layer, n = moe.layers[position], budget.num_experts[position]
-        with keeping_only(layer, select_experts(scores[position, :n], count, budget)):
-            measured[position][count] = target_loss(model, batches) - base
+    for job in tqdm(range(rank, len(cuts), world), desc="layer sensitivity", disable=not progress):
+        with _cut(moe, scores, budget, cuts[job]):
+            losses[job] = target_loss(model, batches)
     model.train(was_training)
+    if world > 1:
+        dist.all_reduce(losses)  # each loss is set on the one rank that measured it, 0 elsewhere: the sum is exact
+    base, *cut_losses = losses.tolist()
+    measured: dict[int, dict[int, float]] = {p: {n: 0.0} for p, n in enumerate(budget.num_experts)}
+    for (position, count), loss in zip(cuts[1:], cut_losses, strict=True):
+        measured[position][count] = loss - base
+    costs = torch.full((len(moe.layers), max(budget.num_experts) + 1), math.inf, dtype=torch.float64)
     for position, points in measured.items():
         xs = sorted(points)
         between = np.arange(xs[0], xs[-1] + 1)
@@ -109,13 +119,23 @@ def layer_costs(
     return costs
 
 
+def _cut(moe: MoEModel, scores: torch.Tensor, budget: Budget, cut: tuple[int, int] | None):
+    """The model as ``cut`` (layer position, count) leaves it: that layer alone keeps its best experts; None: as is."""
+    if cut is None:
+        return nullcontext()
+    position, count = cut
+    ids = select_experts(scores[position, : budget.num_experts[position]], count, budget)
+    return keeping_only(moe.layers[position], ids)
+
+
 def layer_cost_meter(
     model, moe: MoEModel, tokenizer, calibration: CalibrationArguments, examples: int, progress: bool = True
 ) -> LayerCosts:
     """What ``make_plan`` calls for the ``sensitivity`` allocation: layer costs on ``examples`` calibration sequences.
 
     The data is read on first use only, and the costs are kept per ranking, so a sweep measures each criterion once
-    for all its ratios.
+    for all its ratios. Under torch.distributed every rank must ask for the same rankings in the same order, since
+    each measurement is shared out over the ranks (:func:`layer_costs`).
     """
     batches: list = []
     measured: dict[tuple, torch.Tensor] = {}
