@@ -1,4 +1,4 @@
-"""Every use of a private transformers internal, in one place, each pinned by a test in tests/test_compat.py.
+"""Every use of a private transformers / TRL internal, in one place, each pinned by a test in tests/test_compat.py.
 
 When an upgrade moves one of these, that test fails with a message naming the internal, instead of a run going
 silently wrong.
@@ -43,3 +43,32 @@ def zero3_init_disabled():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def log_as_evaluation(trainer, logs: dict[str, float]) -> None:
+    """``trainer.log(logs)`` as an evaluation entry.
+
+    ``SFTTrainer.log`` folds its pending metrics of the current mode (train or eval, read from ``model.training``)
+    into every entry: logged in train mode, translation scores would carry (and reset) the running training
+    metrics. The model is put in eval mode for the call, the only switch TRL offers.
+    """
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        trainer.log(logs)
+    finally:
+        model.train(was_training)
+
+
+def causal_lm_class_for(config) -> type | None:
+    """The causal-LM class transformers maps ``config``'s type to (None when there is none), without building a model:
+    ``AutoModelForCausalLM.from_config`` would instantiate one."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping.get(type(config), None)
+
+
+def experts_implementation(model) -> str:
+    """The experts implementation ``model`` runs (``set_experts_implementation`` has no public getter)."""
+    return model.config._experts_implementation

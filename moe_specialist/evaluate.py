@@ -1,4 +1,9 @@
-"""Translation quality: batched greedy generation, chrF++ / BLEU with signatures, off-target rate, records."""
+"""Translation quality: batched greedy generation, chrF++ / BLEU with signatures, off-target rate, records.
+
+:func:`evaluate_translations` is the one scorer: ``moe-specialist evaluate``, the sweep and the in-training
+``translation_eval`` callback all call it. Under ``torch.distributed`` each process translates its share of the
+examples and every process scores the whole corpus, so all ranks return the same result.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,25 @@ def average_scores(directions: dict[str, dict]) -> dict:
     return {k: round(sum(d[k] for d in directions.values()) / len(directions), 4) for k in keys}
 
 
+def translate_shared(model, tokenizer, examples: list[ParallelExample], **kwargs) -> list[str]:
+    """Translations of ``examples``, in order, each process translating its share (one process: all of them).
+
+    Every process calls ``generate`` equally often (the shares are padded by repeating an index, which keying by
+    index then drops), as ZeRO-3 requires when parameters are gathered per forward pass.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return translate(model, tokenizer, examples, **kwargs)
+    with state.split_between_processes(list(range(len(examples))), apply_padding=True) as shard:
+        kwargs["progress"] = kwargs.get("progress", False) and state.is_main_process
+        pairs = list(zip(shard, translate(model, tokenizer, [examples[i] for i in shard], **kwargs), strict=True))
+    by_index = dict(gather_object(pairs))
+    return [by_index[i] for i in range(len(examples))]
+
+
 def evaluate_translations(
     model,
     tokenizer,
@@ -43,7 +67,7 @@ def evaluate_translations(
     start = time.time()
     directions = {}
     for name, items in examples.items():
-        hypotheses = translate(
+        hypotheses = translate_shared(
             model,
             tokenizer,
             items,

@@ -361,6 +361,10 @@ class PrunePlan:
             raise ConfigurationError(f"{path} is not valid JSON: {error}.") from error
         return cls.from_dict(data, str(path))
 
+    def experts_after(self, moe: MoEModel) -> dict[int, int]:
+        """How many experts every MoE layer keeps (layers the plan does not list keep all)."""
+        return {layer: len(self.kept_experts.get(layer, range(n))) for layer, n in moe.experts_per_layer.items()}
+
     def validate(self, moe: MoEModel) -> None:
         """A clear error for any architecture, layer, expert or count the model cannot take."""
         model = {"model_type": moe.model_type, "architecture": moe.architecture}

@@ -41,6 +41,7 @@ from moe_specialist.architectures import (
     find_moe,
     text_config,
 )
+from moe_specialist.compat import causal_lm_class_for
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import (
     INDEX_FILE,
@@ -70,15 +71,15 @@ class PruneReport:
         return len(set(self.experts_after.values())) == 1
 
     @property
-    def ratio(self) -> float:
-        """The share of routed experts removed: the actual ratio (``actual_ratio``), whatever the target was."""
+    def actual_ratio(self) -> float:
+        """The share of routed experts removed, whatever the target was."""
         return 1 - sum(self.experts_after.values()) / sum(self.experts_before.values())
 
     def to_dict(self) -> dict:
         return {
             "experts_before": {str(k): v for k, v in self.experts_before.items()},
             "experts_after": {str(k): v for k, v in self.experts_after.items()},
-            "actual_ratio": round(self.ratio, 6),
+            "actual_ratio": round(self.actual_ratio, 6),
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
             "top_k_before": self.top_k_before,
@@ -140,6 +141,15 @@ def slice_layer(layer: MoELayer, ids: list[int]) -> None:
     layer.num_experts = len(ids)
 
 
+def router_aux_loss_applies(experts_per_layer: dict[int, int]) -> bool:
+    """Whether transformers' router load-balancing loss can train this model: it assumes one expert count per model.
+
+    The one place this is decided: :func:`prune_model` switches ``output_router_logits`` off otherwise, and the
+    training pipeline sets ``router_aux_loss_coef: 0`` before TRL reads it.
+    """
+    return len(set(experts_per_layer.values())) == 1
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) -> PruneReport:
     """Prune ``model`` in place following ``plan``; shared experts and dense layers are untouched."""
@@ -166,7 +176,7 @@ def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) 
     if new_top_k is not None:
         _set_counts(outside, moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
         moe.top_k = new_top_k
-    if len(set(after.values())) > 1:
+    if not router_aux_loss_applies(after):
         logger.warning(
             "Layers keep different numbers of experts %s: the router aux loss of transformers assumes one count and "
             "is switched off (output_router_logits=False) for this model.",
@@ -214,13 +224,13 @@ def structure_from_config(config) -> MoEModel:
 
 
 def causal_lm_class(config) -> type:
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
+    cls = causal_lm_class_for(config)
+    if cls is None:
         raise UnsupportedArchitectureError(
             f"transformers has no causal-LM class for {type(config).__name__} (a multimodal or remote-code config): "
             "point the tool at the text model's checkpoint."
-        ) from None
+        )
+    return cls
 
 
 def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
@@ -345,7 +355,7 @@ def prune_checkpoint(
     meta_moe = structure_from_config(config)
     plan.validate(meta_moe)
     counts = meta_moe.experts_per_layer
-    after = {layer: len(plan.kept_experts.get(layer, range(n))) for layer, n in counts.items()}
+    after = plan.experts_after(meta_moe)
     weight_map: dict[str, str] = {}
     total_size = 0
     with staging_dir(output_dir, overwrite, protected=[model_dir]) as tmp:

@@ -29,7 +29,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
-from moe_specialist.compat import original_key_names
+from moe_specialist.compat import experts_implementation, original_key_names
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import INDEX_FILE, atomic_path, atomic_write_json, read_weight_map, safe_child
 
@@ -354,7 +354,7 @@ class RoutingCollector:
         for position, layer in enumerate(self.moe.layers):
             RoutingCollector._active[id(layer.experts)] = (self, position)
         if self.moe.decorated:
-            self._previous_implementation = model.config._experts_implementation
+            self._previous_implementation = experts_implementation(model)
             model.set_experts_implementation(PROBE_IMPLEMENTATION)
         else:
             for position, layer in enumerate(self.moe.layers):

@@ -16,7 +16,6 @@ import torch
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
-from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.models import load_model_and_tokenizer
 from moe_specialist.plan import PrunePlan, plan_for
 from moe_specialist.prune import load_pruned_model, prune_model
@@ -87,7 +86,7 @@ def test_unknown_callback_names_fail_listing_the_known_ones():
 
 
 def _callback(tmp_path):
-    return PruningCallback("tiny", None, CalibrationArguments(), PruningArguments(), tmp_path)
+    return PruningCallback(PrunePlan({layer: [0, 1, 2, 3] for layer in range(4)}), tmp_path)
 
 
 def test_pruning_refuses_a_zero3_partitioned_model(tmp_path):
@@ -131,7 +130,12 @@ def test_prune_only_run(prune_only, tiny_translator):
     assert scores["num_segments"] == 5 and scores["chrf++"] == rescored(output_dir)["en-fr"]
     for key, prefix in SIGNATURES.items():
         assert scores[key].startswith(prefix)
-    assert results["decoding"] == {"strategy": "greedy", "max_new_tokens": 8, "no_repeat_ngram_size": 0}
+    assert results["decoding"] == {
+        "strategy": "greedy",
+        "max_new_tokens": 8,
+        "no_repeat_ngram_size": 0,
+        "batch_size": 4,
+    }
     assert {"load_model", "calibrate", "prune", "mt_eval", "save", "total"} <= set(results["timings"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["log_history"][0]["eval_mt/en-fr/chrf++"] == scores["chrf++"]

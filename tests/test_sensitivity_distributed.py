@@ -1,4 +1,5 @@
-"""What ranks must agree on: the layer sensitivity two gloo processes measure, each its share.
+"""What ranks must agree on: the layer sensitivity two gloo processes measure, each its share, and the sampled expert
+fingerprints that tell whether ranks hold the same model.
 
 Run as a script under ``torch.distributed.run`` this file is the worker: each rank measures the tiny model's layer
 costs and writes its table and the cuts it measured to ``<output>/rank-<i>.json``.
@@ -21,7 +22,9 @@ import torch.distributed as dist
 from moe_specialist import sensitivity
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
-from moe_specialist.plan import Budget
+from moe_specialist.plan import Budget, PrunePlan
+from moe_specialist.prune import prune_model
+from moe_specialist.training.callbacks import expert_fingerprint, fingerprint_positions
 from tests.tiny_models import tiny_model
 
 ROOT = Path(__file__).parents[1]
@@ -79,6 +82,52 @@ def test_two_ranks_share_the_sensitivity_measurements(tmp_path):
     # each cut measured once, by one rank: the uncut model (no cut layer) by rank 0, the rest shared out evenly
     assert sorted(ranks[0]["cuts"] + ranks[1]["cuts"]) == sorted(reference_cuts)
     assert [len(record["cuts"]) for record in ranks] == [13, 12] and [] in ranks[0]["cuts"]
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------------------
+GATE_UP = "model.layers.1.mlp.experts.gate_up_proj"
+
+
+def fingerprint(model) -> dict:
+    return expert_fingerprint(find_moe(model))
+
+
+def changed_element(position: int) -> dict:
+    """The tiny model's fingerprint with one element (flat ``position``) of layer 1's fused gate/up experts moved."""
+    model = tiny_model("qwen3_moe")
+    tensor = find_moe(model).layers[1].experts.gate_up_proj
+    with torch.no_grad():
+        tensor.view(-1)[position] += 1e-3
+    return fingerprint(model)
+
+
+def test_fingerprints_hash_a_fixed_sample_of_every_per_expert_tensor():
+    reference = fingerprint(tiny_model("qwen3_moe"))
+    assert fingerprint(tiny_model("qwen3_moe")) == reference
+    assert reference["shapes"][GATE_UP] == [8, 48, 64] and reference["zero3_partitioned"] is False
+    assert len(reference["shapes"]) == 4 * 3  # gate_up_proj, down_proj and the router rows of 4 layers
+    assert fingerprint(tiny_model("qwen3_moe", seed=1))["sha256"] != reference["sha256"]
+    # 64 positions per expert of the 24,576: an element in the sample changes the hash, one outside does not
+    positions = fingerprint_positions(8 * 48 * 64, 8)
+    assert len(positions) == 512 and positions.max() < 8 * 48 * 64
+    unsampled = next(p for p in range(8 * 48 * 64) if p not in set(positions.tolist()))
+    assert changed_element(int(positions[100]))["sha256"] != reference["sha256"]
+    assert changed_element(unsampled)["sha256"] == reference["sha256"]
+    assert torch.equal(fingerprint_positions(8 * 48 * 64, 8), positions)  # fixed: the same on every rank and run
+    assert torch.equal(fingerprint_positions(100, 8), torch.arange(100))  # a small tensor is hashed whole
+
+
+def test_fingerprints_tell_prunings_apart():
+    def pruned(ids: list[int]) -> dict:
+        model = tiny_model("qwen3_moe")
+        prune_model(model, PrunePlan({1: ids}))
+        return fingerprint(model)
+
+    kept = pruned([0, 2, 5, 7])
+    assert kept == pruned([0, 2, 5, 7])
+    assert kept["shapes"][GATE_UP] == [4, 48, 64]
+    other = pruned([0, 2, 5, 6])  # one other expert kept
+    assert other["shapes"] == kept["shapes"] and other["sha256"] != kept["sha256"]
 
 
 if __name__ == "__main__":

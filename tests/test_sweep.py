@@ -198,13 +198,18 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     assert "| 0.500 + SFT |" in markdown and "nrefs:3|" in markdown
     for plot in ("chrf_vs_ratio.png", "expert_usage.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
-    # one W&B run per point and a summary run; the SFT's own training run lives in its output directory
+    # one W&B run per point and a summary run; an SFT point's run is its training run, in its output directory,
+    # and its score is that run's end score (scored once, not reloaded and scored again)
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 5 + 1
+    assert len(runs) == 4 + 1
+    (sft_run,) = (out / "points" / "r0.500-frequency-uniform-sft" / "sft" / "wandb").glob("offline-run-*")
+    assert b"sweep_point" in wandb_bytes(sft_run) and out.name.encode() in wandb_bytes(sft_run)  # job type, group
+    trained = json.loads((out / "points" / "r0.500-frequency-uniform-sft" / "sft" / "results.json").read_text())
+    assert sft["average"] == trained["scores"]["end"]["average"] and sft["training"] == trained["training"]
+    assert [h["label"] for h in trained["history"]] == ["end"]  # no second prune-only score
     point_run = next(run for run in runs if any(run.glob("run-*.wandb")) and b"sweep_point" in wandb_bytes(run))
     assert b"pruning/target_ratio" in wandb_bytes(point_run) and b"pruning/actual_ratio" in wandb_bytes(point_run)
     assert b"pruning/ratio" not in wandb_bytes(point_run)
-    assert len(list((out / "points" / "r0.500-frequency-uniform-sft" / "sft" / "wandb").glob("offline-run-*"))) == 1
     # resume: finished points are kept, an interrupted one is redone from scratch
     kept = (out / "points" / "r0.500-random-uniform-s0" / "result.json").stat().st_mtime_ns
     (out / "points" / "r0.500-random-uniform-s1" / "result.json").unlink()

@@ -10,8 +10,10 @@ from moe_specialist.errors import ConfigurationError
 
 @dataclass
 class SweepArguments:
-    ratios: str = field(default="0,0.25,0.5,0.625,0.75,0.875", metadata={"help": "Pruning ratios to sweep."})
-    criteria: str | None = field(
+    ratios: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.625, 0.75, 0.875], metadata={"help": "Pruning ratios to sweep."}
+    )
+    criteria: list[str] | None = field(
         default=None,
         metadata={
             "help": "Methods to compare: a criterion, or criterion@allocation (e.g. frequency@coverage); "
@@ -19,18 +21,26 @@ class SweepArguments:
         },
     )
     random_seeds: int = field(default=3, metadata={"help": "Seeds of the random baseline (reported as their mean)."})
-    sft_at: str | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
-    sft_criteria: str | None = field(
+    sft_at: list[float] | None = field(default=None, metadata={"help": "Ratios that also get the short recovery SFT."})
+    sft_criteria: list[str] | None = field(
         default=None, metadata={"help": "Criteria that get the SFT at sft_at ratios (default: the first criterion)."}
     )
     heatmap_ratio: float = field(default=0.75, metadata={"help": "Ratio whose kept experts the heat map marks."})
 
     def __post_init__(self):
         """Refuse a bad grid when the arguments are parsed, before the sweep loads and calibrates the model."""
-        from moe_specialist.configs import PruningArguments, check_field_types, check_minimum
+        from moe_specialist.configs import (
+            PruningArguments,
+            check_field_types,
+            check_minimum,
+            check_ratios,
+            normalize_lists,
+        )
 
+        normalize_lists(self)
         check_field_types(self)
         check_minimum(self, 1, "random_seeds")
+        check_ratios(self, "ratios", "sft_at")
         if not self.ratio_values:
             raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
         missing = [r for r in self.sft_ratio_values if r not in self.ratio_values]
@@ -42,15 +52,11 @@ class SweepArguments:
 
     @property
     def ratio_values(self) -> list[float]:
-        from moe_specialist.configs import parse_ratios
-
-        return parse_ratios(self.ratios, "--ratios")
+        return self.ratios or []
 
     @property
     def sft_ratio_values(self) -> list[float]:
-        from moe_specialist.configs import parse_ratios
-
-        return parse_ratios(self.sft_at, "--sft_at")
+        return self.sft_at or []
 
 
 def split_method(method: str, default_allocation: str) -> tuple[str, str]:

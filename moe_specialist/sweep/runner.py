@@ -9,7 +9,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,6 @@ from transformers import AutoConfig
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
 from moe_specialist.configs import check_calibration_data, split_list
-from moe_specialist.data.sources import load_examples
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
@@ -47,7 +46,8 @@ def saved_dtype(name_or_path: str) -> torch.dtype:
 
 
 class Sweep:
-    """Runs the points of a sweep; ``sft`` runs the recovery SFT of a point (see ``training.pipeline``)."""
+    """Runs the points of a sweep; ``sft(point, point_dir)`` runs the recovery SFT of a point through
+    ``training.pipeline.run`` and returns its results."""
 
     def __init__(
         self,
@@ -73,19 +73,14 @@ class Sweep:
         )
         self.saved_dtype = saved_dtype(model_name)
         self.moe = find_moe(self.base)
-        calibration.statistics_file = calibration.statistics_file or str(run_dir / "stats.safetensors")
-        self.stats = statistics_for(self.base, self.tokenizer, calibration, model_name)
+        pruning.statistics_file = pruning.statistics_file or str(run_dir / "stats.safetensors")
+        self.stats = statistics_for(
+            self.base, self.tokenizer, calibration, model_name, statistics_file=pruning.statistics_file
+        )
         self.measure_layer_costs = layer_cost_meter(
             self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
         )
-        self.examples = load_examples(
-            data.eval_dataset_name,
-            data.eval_directions,
-            data.eval_split,
-            limit=data.max_eval_examples,
-            seed=data.dataset_seed,
-            target_files=data.eval_target_files,
-        )
+        self.examples = data.load_eval_examples()
 
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
@@ -111,31 +106,34 @@ class Sweep:
             measure_layer_costs=self.measure_layer_costs,
         )
         plan.save(self.point_dir(point) / PLAN_FILE)
-        if point.sft:
-            scores, model = self.sft(point, plan, self.point_dir(point))
+        if point.sft:  # the same architecture as the point without SFT, which always runs first
+            pruned = self.run_point(replace(point, sft=False))
+            parameters, size = pruned["parameters"], pruned["checkpoint_bytes"]
+            training = self.sft(point, self.point_dir(point))
+            scores, records = training["scores"]["end"], {"file": training["translations_file"]}
         else:
             model = copy.deepcopy(self.base)
             prune_model(model, plan)
+            parameters, size = find_moe(model).parameter_counts(), checkpoint_bytes(model, self.saved_dtype)
             scores = evaluate_translations(model, self.tokenizer, self.examples, **self.generation, progress=False)
-        moe = find_moe(model)
+            records = {name: direction.pop("records") for name, direction in scores["directions"].items()}
         result = {
             "point": point.id,
             **asdict(point),
             "actual_ratio": plan.metadata["actual_ratio"],
             "allocation": allocation,
             "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
-            "parameters": moe.parameter_counts(),
-            "checkpoint_bytes": checkpoint_bytes(model, self.saved_dtype),
+            "parameters": parameters,
+            "checkpoint_bytes": size,
             "average": scores["average"],
-            "directions": {k: {m: v for m, v in d.items() if m != "records"} for k, d in scores["directions"].items()},
+            "directions": scores["directions"],
             "seconds": round(time.time() - start, 1),
         }
-        atomic_write_json(
-            {**result, "records": {k: d["records"] for k, d in scores["directions"].items()}},
-            self.point_dir(point) / "records.json",
-        )
+        if point.sft:
+            result["training"] = training["training"]
+        atomic_write_json({**result, "records": records}, self.point_dir(point) / "records.json")
         atomic_write_json(result, done)
-        if self.wandb:
+        if self.wandb and not point.sft:  # an SFT point's W&B run is its training run
             self.wandb.log_point(result, plan)
         return result
 
@@ -162,7 +160,7 @@ def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[d
     )
     metadata = {
         "model": sweep.model_name,
-        "statistics": sweep.calibration.statistics_file,
+        "statistics": sweep.pruning.statistics_file,
         "eval": {
             "dataset": sweep.data.eval_dataset_name or sweep.data.dataset_name,
             "split": sweep.data.eval_split,
@@ -231,7 +229,7 @@ def run_sweep_cli(argv: list[str]) -> None:
     points = sweep_points(
         sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
     )
-    reused = calibration_args.statistics_file and Path(calibration_args.statistics_file).is_file()
+    reused = pruning_args.statistics_file and Path(pruning_args.statistics_file).is_file()
     check_recipe_data(data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused)
     run_dir = Path(training_args.output_dir)
     check_not_an_input(run_dir, local_model_dirs(model_args.model_name_or_path))
@@ -240,23 +238,26 @@ def run_sweep_cli(argv: list[str]) -> None:
     check_resumable(run_dir / "sweep_config.json", recipe)
     atomic_write_json({**recipe, "sweep": asdict(sweep_args)}, run_dir / "sweep_config.json")
     generation = {
-        "batch_size": training_args.mt_eval_batch_size,
-        "max_new_tokens": training_args.mt_eval_max_new_tokens,
-        "no_repeat_ngram_size": training_args.mt_eval_no_repeat_ngram_size,
+        "batch_size": training_args.generation_batch_size,
+        "max_new_tokens": training_args.max_new_tokens,
+        "no_repeat_ngram_size": training_args.no_repeat_ngram_size,
     }
     wandb_logger = SweepWandb(training_args, recipe, run_dir) if "wandb" in (training_args.report_to or []) else None
 
-    def sft(point: Point, plan, point_dir: Path):
-        """Prune with the point's plan and fine-tune, in-process, through the training pipeline."""
-        training_args.output_dir = str(point_dir / "sft")
-        training_args.run_name = point.id
-        training_args.callbacks = ["expert_pruning"]  # scored below on the sweep's own evaluation set
-        pruning_args.prune_plan = str(point_dir / PLAN_FILE)
-        results = run(model_args, data_args, calibration_args, pruning_args, training_args, stats=sweep.stats)
-        model, tokenizer = load_model_and_tokenizer(results["model_dir"], model_args.dtype, device=sweep.device)
-        scores = evaluate_translations(model, tokenizer, sweep.examples, **generation, progress=False)
-        scores["training"] = results["training"]
-        return scores, model
+    def sft(point: Point, point_dir: Path) -> dict:
+        """Fine-tune with the point's plan through the training pipeline, whose end score (on the sweep's own eval
+        set) and W&B run are the point's: nothing is scored or logged twice."""
+        point_args = replace(
+            training_args,
+            output_dir=str(point_dir / "sft"),
+            run_name=point.id,
+            callbacks=["expert_pruning", "translation_eval"],
+            mt_eval_on_start=False,  # the prune-only score is the point without SFT
+            wandb_run_group=wandb_logger.group if wandb_logger else training_args.wandb_run_group,
+            wandb_job_type="sweep_point",
+        )
+        point_pruning = replace(pruning_args, prune_plan=str(point_dir / PLAN_FILE))
+        return run(model_args, data_args, calibration_args, point_pruning, point_args, stats=sweep.stats)
 
     sweep = Sweep(
         run_dir,

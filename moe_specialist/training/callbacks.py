@@ -1,14 +1,15 @@
 """Trainer callbacks of the prune(+SFT) pipeline, chosen by name in a recipe's ``callbacks:`` list (open-r1 style).
 
-- ``expert_pruning`` (:class:`PruningCallback`): calibrate (or reuse statistics), plan and prune in ``on_init_end``,
-  the only Trainer event before the optimizer exists and before ``accelerator.prepare`` wraps or partitions the model.
+- ``expert_pruning`` (:class:`PruningCallback`): prunes the model with the run's plan in ``on_init_end``, the only
+  Trainer event before the optimizer exists and before ``accelerator.prepare`` wraps or partitions the model.
   Pruning later (``on_train_begin``) fails silently: the new expert tensors would not be in the optimizer.
 - ``translation_eval`` (:class:`TranslationEvalCallback`): greedy translation of the eval directions on all ranks at
   train start (the prune-only score), after every ``evaluate()`` and at the end; chrF++ and BLEU with their sacreBLEU
   signatures through ``trainer.log`` (W&B / TensorBoard show them under ``eval/mt/...``) and a W&B table of samples.
 
 Callbacks are built from a :class:`RunContext` by :func:`get_callbacks`; the pipeline passes them all to the Trainer
-and binds the ones that need the trainer (``bind``) right after it is built.
+and binds the ones that need the trainer (``bind``) right after it is built. What they found is read through one
+property each: :attr:`PruningCallback.outcome` and :attr:`TranslationEvalCallback.outcome`.
 """
 
 from __future__ import annotations
@@ -16,29 +17,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
 from transformers import TrainerCallback
 
-from moe_specialist.architectures import MoEModel, find_moe
-from moe_specialist.configs import CalibrationArguments, PruningArguments
+from moe_specialist.architectures import MoEModel, Routing, find_moe
+from moe_specialist.compat import log_as_evaluation
 from moe_specialist.data.example import ParallelExample
-from moe_specialist.data.prompts import format_prompt
-from moe_specialist.errors import ConfigurationError
-from moe_specialist.evaluate import average_scores, score_direction
-from moe_specialist.generation import generate_texts
+from moe_specialist.errors import ConfigurationError, LaunchError
+from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import summarize_moe
-from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
+from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import PruneReport, prune_model
-from moe_specialist.sensitivity import layer_cost_meter
-from moe_specialist.stats import RoutingStats
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +45,9 @@ class RunContext:
     """What the registered callbacks may need, gathered once by the pipeline."""
 
     model_name: str
-    tokenizer: Any
-    calibration_args: CalibrationArguments
-    pruning_args: PruningArguments
     training_args: Any  # moe_specialist.training.configs.SFTConfig
-    eval_examples: dict[str, list[ParallelExample]]
-    stats: RoutingStats | None = None
+    plan: PrunePlan | None = None
+    eval_examples: dict[str, list[ParallelExample]] = field(default_factory=dict)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -81,30 +73,61 @@ def register_zero3_leaf_modules(model: torch.nn.Module, moe: MoEModel | None = N
 def expert_fingerprint(moe: MoEModel) -> dict:
     """Shapes and a SHA-256 of every per-expert tensor (experts, router rows): equal on ranks that hold one model.
 
-    Under ZeRO-3 each layer's tensors are gathered in turn (a collective: every rank must call this); the bytes are
-    hashed in the tensors' own dtype.
+    Hashing every byte cost tens of GB per call at 30B (and gathered every layer under ZeRO-3), so only the values at
+    :func:`fingerprint_positions` are hashed, with each tensor's path, dtype and shape: other experts kept, another
+    order or a training step still change the hash with near certainty, at a cost that does not grow with the tensors.
+    Under ZeRO-3 each rank reads the sampled positions its shard holds and the values are all-reduced per tensor (a
+    collective: every rank must call this); no layer is gathered.
     """
     digest = hashlib.sha256()
     shapes = {}
     partitioned = False
     for layer in moe.layers:
-        sharded = [t.tensor for t in layer.tensors if hasattr(t.tensor, "ds_id")]
-        partitioned |= bool(sharded)
-        with _gathered(sharded):
-            for t in layer.tensors:
-                value = t.tensor.detach().to("cpu").contiguous()
-                shapes[t.path] = list(value.shape)
-                digest.update(f"{t.path}:{value.dtype}".encode())
-                digest.update(value.view(torch.uint8).numpy().tobytes())
+        for t in layer.tensors:
+            tensor = t.tensor
+            sharded = hasattr(tensor, "ds_id")
+            partitioned |= sharded
+            shape = tuple(tensor.ds_shape if sharded else tensor.shape)
+            positions = fingerprint_positions(torch.Size(shape).numel(), layer.num_experts)
+            values = _sampled(tensor, shape, positions)
+            shapes[t.path] = list(shape)
+            digest.update(f"{t.path}:{tensor.dtype}:{shape}".encode())
+            digest.update(values.view(torch.uint8).numpy().tobytes())
     return {"shapes": shapes, "sha256": digest.hexdigest(), "zero3_partitioned": partitioned}
 
 
-def _gathered(params: list):
-    if not params:
-        return nullcontext()
-    import deepspeed
+def fingerprint_positions(numel: int, num_experts: int, per_expert: int = 64) -> torch.Tensor:
+    """The flat positions of a per-expert tensor that :func:`expert_fingerprint` hashes, the same on every rank.
 
-    return deepspeed.zero.GatheredParameters(params)
+    ``per_expert`` x ``num_experts`` positions drawn with a fixed seed (every position of a smaller tensor): the slice
+    of a replaced expert gets none of them with probability (1 - 1/E)^(per_expert x E) < e^-per_expert.
+    """
+    count = per_expert * num_experts
+    if numel <= count:
+        return torch.arange(numel)
+    return torch.randint(numel, (count,), generator=torch.Generator().manual_seed(0)).sort().values
+
+
+def _sampled(tensor: torch.Tensor, shape: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:
+    """The values at the flat (row-major) ``positions`` of ``tensor``, on the CPU, also when ZeRO-3 partitioned it."""
+    if not hasattr(tensor, "ds_id"):
+        return tensor.detach()[torch.unravel_index(positions.to(tensor.device), shape)].cpu()
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    if tensor.ds_tensor.final_location == OffloadDeviceEnum.nvme:  # no shard in memory; the config's, so every rank's
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return _sampled(tensor.data, shape, positions)
+    # DeepSpeed's flat partition: rank r of the parameter's group holds elements [r * size, (r + 1) * size)
+    shard, group = tensor.ds_tensor, tensor.ds_process_group
+    start = dist.get_rank(group=group) * shard.ds_numel
+    held = (positions >= start) & (positions < start + shard.ds_numel)
+    values = torch.zeros(len(positions), dtype=tensor.dtype, device=get_accelerator().current_device_name())
+    values[held.to(values.device)] = shard.detach()[(positions[held] - start).to(shard.device)].to(values.device)
+    dist.all_reduce(values.view(torch.uint8), group=group)  # one rank holds each value, the others add 0 bytes: exact
+    return values.cpu()
 
 
 def _rank_record_path(output_dir: str | Path, rank: int) -> Path:
@@ -112,159 +135,101 @@ def _rank_record_path(output_dir: str | Path, rank: int) -> Path:
 
 
 # ---- pruning --------------------------------------------------------------------------------------------------------
-class PruningCallback(TrainerCallback):
-    """Prune the model in ``on_init_end`` (or earlier through :meth:`prune`, e.g. before PEFT wrapping).
+@dataclass
+class PruningOutcome:
+    """What pruning did: the plan, its report, and the MoE structure before and after (for cards and results)."""
 
-    Statistics come from ``stats`` (a sweep calibrates once), else :func:`~moe_specialist.calibrate.statistics_for`
-    (reuses ``statistics_file`` or calibrates on every rank's shard of the calibration data and all-reduces); a
-    ``prune_plan`` file is replayed instead when given. Rank 0's plan is broadcast so every rank prunes identically;
-    rank 0 saves it to ``output_dir/prune_plan.json``. Every rank records the shapes and a checksum of its expert
-    tensors after pruning and after training in ``output_dir/ranks/rank-<i>.json``.
+    plan: PrunePlan
+    report: PruneReport
+    summary_before: dict
+    summary_after: dict
+    routing: Routing
+    seconds: float
+
+
+class PruningCallback(TrainerCallback):
+    """Prune the model with ``plan`` in ``on_init_end`` (or earlier through :meth:`prune`, e.g. before PEFT wrapping).
+
+    Every rank prunes its whole copy identically (the pipeline makes one plan for all ranks). Every rank records the
+    shapes and a checksum of its expert tensors after pruning and after training in ``output_dir/ranks/rank-<i>.json``.
     """
 
     name = "expert_pruning"
 
-    def __init__(
-        self,
-        model_name: str,
-        tokenizer,
-        calibration_args: CalibrationArguments,
-        pruning_args: PruningArguments,
-        output_dir: str | Path,
-        stats: RoutingStats | None = None,
-    ):
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.calibration_args = calibration_args
-        self.pruning_args = pruning_args
+    def __init__(self, plan: PrunePlan, output_dir: str | Path):
+        self.plan = plan
         self.output_dir = Path(output_dir)
-        self.stats = stats
         self.moe: MoEModel | None = None
-        self.plan: PrunePlan | None = None
-        self.report: PruneReport | None = None
-        self.before: dict | None = None
-        self.after: dict | None = None
-        self.seconds: dict[str, float] = {}
+        self.outcome: PruningOutcome | None = None
         self._record: dict = {}
 
     @classmethod
     def from_context(cls, context: RunContext) -> PruningCallback:
-        return cls(
-            context.model_name,
-            context.tokenizer,
-            context.calibration_args,
-            context.pruning_args,
-            context.training_args.output_dir,
-            context.stats,
-        )
+        if context.plan is None:
+            raise ConfigurationError(
+                "expert_pruning needs a prune plan (moe_specialist.training.pipeline makes one from the recipe)."
+            )
+        return cls(context.plan, context.training_args.output_dir)
 
-    @property
-    def pruned(self) -> bool:
-        return self.report is not None
-
-    def prune(
-        self, model: torch.nn.Module, device: torch.device | None = None, optimizer=None, when: str = "direct call"
-    ) -> PruneReport:
-        """Calibrate if needed, plan, prune ``model`` in place; idempotent. A collective under torch.distributed.
-
-        ``when`` (the Trainer event or pipeline step) is recorded with the rank's fingerprint.
-        """
-        if self.pruned:
-            return self.report
+    def prune(self, model: torch.nn.Module, optimizer=None, when: str = "direct call") -> PruneReport:
+        """Prune ``model`` in place with the plan; idempotent. ``when`` (the Trainer event or pipeline step) is
+        recorded with the rank's fingerprint."""
+        if self.outcome is not None:
+            return self.outcome.report
         if optimizer is not None:
-            raise RuntimeError(
+            raise LaunchError(
                 "An optimizer already exists, so pruning now would leave the new expert tensors out of it and they "
                 "would silently never train. Do not pass `optimizers=` to the trainer together with expert_pruning."
             )
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
-            raise RuntimeError(
+            raise LaunchError(
                 "The model is already wrapped by PEFT: experts must be pruned before the LoRA adapters are added. "
                 "Call PruningCallback.prune(model) before building the SFTTrainer (moe_specialist.training.pipeline "
                 "does this when use_peft is set)."
             )
         if is_zero3_partitioned(model):
-            raise RuntimeError(
+            raise LaunchError(
                 "The model's parameters are already partitioned by DeepSpeed ZeRO-3 (it was loaded under zero.Init), "
                 "so whole expert tensors are not available to prune. Load the model before the DeepSpeed config is "
                 "active (moe_specialist.training.pipeline.load_model does), or prune the checkpoint offline with "
                 "`moe-specialist prune` and train the pruned checkpoint."
             )
-        state = PartialState()
         start = time.time()
-        moe = find_moe(model)
-        self.before = summarize_moe(moe)
-        stats = self.stats
-        if stats is None and not self.pruning_args.prune_plan:
-            stats = self._calibrate(model, device, state)
-        meter = layer_cost_meter(
-            model, moe, self.tokenizer, self.calibration_args, self.pruning_args.sensitivity_examples,
-            progress=state.is_main_process,
-        )  # fmt: skip
-        plan = plan_for(moe, stats, self.pruning_args, meter)
-        if self.calibration_args.statistics_file and not self.pruning_args.prune_plan:
-            plan.metadata.setdefault("statistics", self.calibration_args.statistics_file)
-        if state.num_processes > 1:  # one plan for all ranks, whatever floating-point noise the reductions had
-            payload = [plan.to_dict()]
-            broadcast_object_list(payload, from_process=0)
-            plan = PrunePlan.from_dict(payload[0])
-        self.report = prune_model(model, plan, moe)
-        self.plan, self.moe = plan, moe
-        self.after = summarize_moe(moe)
-        self.seconds["prune"] = round(time.time() - start, 2)
-        self._log_report(state)
+        state = PartialState()
+        self.moe = moe = find_moe(model)
+        before = summarize_moe(moe)
+        report = prune_model(model, self.plan, moe)
+        after = summarize_moe(moe)
+        self.outcome = PruningOutcome(self.plan, report, before, after, moe.routing, round(time.time() - start, 2))
         if state.is_main_process:
-            plan.save(self.output_dir / PLAN_FILE)
+            logger.info(
+                "Pruned: actual_ratio %.4f of routed experts removed (target_ratio %s); experts kept per MoE layer "
+                "%s (top-k %d -> %d); parameters %s -> %s total, %s -> %s active per token.",
+                report.actual_ratio,
+                self.plan.metadata.get("target_ratio"),
+                dict(report.experts_after),
+                report.top_k_before,
+                report.top_k_after,
+                f"{report.parameters_before['total']:,}",
+                f"{report.parameters_after['total']:,}",
+                f"{report.parameters_before['active']:,}",
+                f"{report.parameters_after['active']:,}",
+            )
         self._record = {
             "rank": state.process_index,
             "world_size": state.num_processes,
-            "pruned": {"when": when, "optimizer_existed": False, "experts_per_layer": self.after["experts_per_layer"]}
-            | expert_fingerprint(moe),
+            "pruned": {"when": when, "experts_per_layer": after["experts_per_layer"]} | expert_fingerprint(moe),
         }
         atomic_write_json(self._record, _rank_record_path(self.output_dir, state.process_index))
-        return self.report
-
-    def _calibrate(self, model, device, state) -> RoutingStats:
-        from moe_specialist.calibrate import statistics_for
-
-        start = time.time()
-        current = next(model.parameters()).device
-        if device is not None and current.type == "cpu" and torch.device(device).type != "cpu":
-            logger.info("Moving the model to %s for calibration (the Trainer has not placed it yet).", device)
-            model.to(device)
-        stats = statistics_for(
-            model, self.tokenizer, self.calibration_args, self.model_name, progress=state.is_main_process
-        )
-        self.seconds["calibrate"] = round(time.time() - start, 2)
-        return stats
-
-    def _log_report(self, state) -> None:
-        if not state.is_main_process:
-            return
-        report = self.report
-        before, after = report.parameters_before, report.parameters_after
-        target = self.plan.metadata.get("target_ratio")
-        logger.info(
-            "Pruned %s: actual_ratio %.4f of routed experts removed (target_ratio %s); experts kept per MoE layer "
-            "%s (top-k %d -> %d); parameters %s -> %s total, %s -> %s active per token.",
-            self.model_name,
-            report.ratio,
-            "none: a hand-written plan" if target is None else f"{target:.4f}",
-            {k: v for k, v in report.experts_after.items()},
-            report.top_k_before,
-            report.top_k_after,
-            f"{before['total']:,}",
-            f"{after['total']:,}",
-            f"{before['active']:,}",
-            f"{after['active']:,}",
-        )
+        return report
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.prune(model, device=args.device, optimizer=optimizer, when="on_init_end")
+        self.prune(model, optimizer=optimizer, when="on_init_end")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if not self.pruned:
+        if self.outcome is None:
             return
         rank = PartialState().process_index
         self._record["trained"] = {"global_step": state.global_step} | expert_fingerprint(self.moe)
@@ -272,13 +237,35 @@ class PruningCallback(TrainerCallback):
 
 
 # ---- translation quality --------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationOutcome:
+    """Every translation evaluation of a run: ``history`` (label, step, scores per direction, average), the scores
+    after pruning (``start``) and at the end (``end``), the latest per-sentence ``records`` and the decoding used."""
+
+    history: list[dict]
+    records: dict[str, list[dict]]
+    decoding: dict
+    seconds: float
+
+    @property
+    def start(self) -> dict | None:
+        """The prune-only score: the first one before any step (or, with no step at all, the only one)."""
+        first = next((h for h in self.history if h["label"] == "start"), None)
+        if first is None and self.history and self.history[-1]["step"] == 0:
+            return self.history[-1]
+        return first
+
+    @property
+    def end(self) -> dict | None:
+        return self.history[-1] if self.history else None
+
+
 class TranslationEvalCallback(TrainerCallback):
     """chrF++ / BLEU of greedy translations of the eval directions, computed on all ranks and logged by the trainer.
 
-    Each rank translates its share of the examples (``split_between_processes`` with padding, so that every rank
-    calls ``generate`` as often as the others) under ``unwrap_model_for_generation`` (which gathers ZeRO-3
-    parameters); the (index, translation) pairs are gathered on every rank, so every rank scores the same corpus and
-    logs the same values. Files and the W&B table are written on rank 0 only.
+    Scoring is :func:`moe_specialist.evaluate.evaluate_translations` (each rank translates its share) under
+    ``unwrap_model_for_generation`` (which gathers ZeRO-3 parameters), so every rank logs the same values. The W&B
+    table of samples is written on rank 0 only.
     """
 
     name = "translation_eval"
@@ -296,38 +283,30 @@ class TranslationEvalCallback(TrainerCallback):
         if not examples or not all(examples.values()):
             raise ConfigurationError("translation_eval needs at least one example in every eval direction.")
         self.examples = examples
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.decoding_kwargs = {
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+        }
         self.num_samples_table = num_samples_table
         self.on_start = on_start
         self.trainer = None
-        self.history: list[dict] = []  # one entry per evaluation: label, step, scores per direction, average
-        self.records: dict[str, list[dict]] = {}  # per-sentence records of the latest evaluation
-        self.seconds = 0.0
+        self.outcome = EvaluationOutcome([], {}, {}, 0.0)
 
     @classmethod
     def from_context(cls, context: RunContext) -> TranslationEvalCallback:
         args = context.training_args
         return cls(
             context.eval_examples,
-            max_new_tokens=args.mt_eval_max_new_tokens,
-            batch_size=args.mt_eval_batch_size,
-            no_repeat_ngram_size=args.mt_eval_no_repeat_ngram_size,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
             num_samples_table=args.mt_eval_num_samples_table,
             on_start=args.mt_eval_on_start,
         )
 
     def bind(self, trainer) -> None:
         self.trainer = trainer
-
-    @property
-    def decoding(self) -> dict:
-        return {
-            "strategy": "greedy",
-            "max_new_tokens": self.max_new_tokens,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size,
-        }
 
     def evaluate(self, label: str) -> dict:
         """Translate, score and log every eval direction; a collective (every rank must call it)."""
@@ -336,61 +315,35 @@ class TranslationEvalCallback(TrainerCallback):
         from trl.models.utils import unwrap_model_for_generation
 
         trainer = self.trainer
-        accelerator = trainer.accelerator
-        start = time.time()
-        directions = {}
-        with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:  # gathers ZeRO-3 shards
-            for name, examples in self.examples.items():
-                directions[name] = score_direction(self._translate(model, examples), examples)
-        self.records = {name: scores.pop("records") for name, scores in directions.items()}
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:  # gathers ZeRO-3
+            scored = evaluate_translations(
+                model, trainer.processing_class, self.examples, **self.decoding_kwargs, progress=False
+            )
+        outcome = self.outcome
+        outcome.records = {name: scores.pop("records") for name, scores in scored["directions"].items()}
+        outcome.decoding = scored["decoding"]
+        outcome.seconds = round(outcome.seconds + scored["seconds"], 2)
         step = trainer.state.global_step
-        result = {"label": label, "step": step, "directions": directions, "average": average_scores(directions)}
-        self.seconds += time.time() - start
-        result["seconds"] = round(time.time() - start, 2)
-        self.history.append(result)
-        self._log(result)
-        if accelerator.is_main_process:
+        result = {"label": label, "step": step, "directions": scored["directions"], "average": scored["average"]}
+        outcome.history.append({**result, "seconds": scored["seconds"]})
+        logs = {
+            f"eval_mt/{name}/{metric}": scores[metric]
+            for name, scores in [*result["directions"].items(), ("avg", result["average"])]
+            for metric in ("chrf++", "bleu", "off_target_rate")
+        }
+        log_as_evaluation(trainer, logs)
+        if trainer.accelerator.is_main_process:
             self._log_table(step)
             logger.info(
                 "MT eval (%s, step %d): %s | avg chrF++ %.2f",
                 label,
                 step,
-                " | ".join(f"{n} chrF++ {d['chrf++']:.2f} BLEU {d['bleu']:.2f}" for n, d in directions.items()),
+                " | ".join(
+                    f"{n} chrF++ {d['chrf++']:.2f} BLEU {d['bleu']:.2f}" for n, d in result["directions"].items()
+                ),
                 result["average"]["chrf++"],
             )
         return result
-
-    def _translate(self, model, examples: list[ParallelExample]) -> list[str]:
-        accelerator = self.trainer.accelerator
-        tokenizer = self.trainer.processing_class
-        with accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as shard:
-            prompts = [format_prompt(tokenizer, examples[i]) for i in shard]
-            hypotheses = generate_texts(
-                model,
-                tokenizer,
-                prompts,
-                batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-            )
-            pairs = list(zip(shard, hypotheses, strict=True))
-        # The padding repeats an index: keying by index (not trimming the gathered list) keeps the order right.
-        by_index = dict(gather_object(pairs))
-        return [by_index[i] for i in range(len(examples))]
-
-    def _log(self, result: dict) -> None:
-        logs = {}
-        for name, scores in [*result["directions"].items(), ("avg", result["average"])]:
-            for metric in ("chrf++", "bleu", "off_target_rate"):
-                logs[f"eval_mt/{name}/{metric}"] = scores[metric]
-        # SFTTrainer.log folds its pending metrics of the current mode into the entry: in eval mode there are none.
-        model = self.trainer.model
-        was_training = model.training
-        model.eval()
-        try:
-            self.trainer.log(logs)
-        finally:
-            model.train(was_training)
 
     def _log_table(self, step: int) -> None:
         if self.num_samples_table == 0 or "wandb" not in (self.trainer.args.report_to or []):
@@ -402,7 +355,7 @@ class TranslationEvalCallback(TrainerCallback):
             return
         chrf = CHRF(word_order=2)
         rows = []
-        for name, records in self.records.items():
+        for name, records in self.outcome.records.items():
             for record in records[: self.num_samples_table]:
                 sentence = chrf.sentence_score(record["hypothesis"], record["references"]).score
                 hypothesis = record["hypothesis"]
@@ -418,9 +371,9 @@ class TranslationEvalCallback(TrainerCallback):
         self.evaluate("eval")
 
     def on_train_end(self, args, state, control, **kwargs):
-        last = self.history[-1] if self.history else None
+        last = self.outcome.end
         if last is not None and last["step"] == state.global_step and state.global_step > 0:
-            self.history.append({**last, "label": "end"})  # already scored at this step
+            self.outcome.history.append({**last, "label": "end"})  # already scored at this step
             return
         self.evaluate("end")
 

@@ -29,17 +29,18 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from accelerate import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from datasets import Dataset
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import set_seed
 
 from moe_specialist import __version__
 from moe_specialist.architectures import find_moe, text_config
+from moe_specialist.calibrate import statistics_for
 from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments, check_calibration_data
 from moe_specialist.data.prompts import sft_record
@@ -48,11 +49,14 @@ from moe_specialist.errors import ConfigurationError, MissingInputError, OutputE
 from moe_specialist.io import atomic_write_json, check_not_an_input
 from moe_specialist.model_card import pruned_model_card
 from moe_specialist.models import load_model_and_tokenizer, local_model_dirs
-from moe_specialist.plan import PLAN_FILE
-from moe_specialist.prune import load_pruned_model, save_pruned_model
+from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
+from moe_specialist.prune import load_pruned_model, router_aux_loss_applies, save_pruned_model
+from moe_specialist.sensitivity import layer_cost_meter
 from moe_specialist.stats import RoutingStats
 from moe_specialist.training.callbacks import (
+    EvaluationOutcome,
     PruningCallback,
+    PruningOutcome,
     RunContext,
     TranslationEvalCallback,
     find_callback,
@@ -149,7 +153,7 @@ def resolve_checkpoint(training_args) -> str | None:
 
 # What a run leaves in output_dir; an overwrite removes them first, so that nothing stale is read back (a resume
 # would otherwise find the old run's checkpoints, and results of a run without translation_eval the old translations).
-RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", "trainer_state.json")
+RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", "trainer_state.json", "README.md")
 
 
 def clear_previous_run(output_dir: Path) -> None:
@@ -238,12 +242,26 @@ def load_model(model_args, training_args):
     with zero3_init_disabled():
         model, tokenizer = load_model_and_tokenizer(
             model_args.model_name_or_path,
-            model_args.dtype or "float32",
+            model_args.dtype,
             model_args.model_revision,
             training_args.trust_remote_code,
             **extra,
         )
     return model.train(), tokenizer
+
+
+def prepare_model(model, training_args) -> dict:
+    """Sparse-MoE blocks as ZeRO-3 leaf modules, the trainable set; returns the router settings to save back."""
+    moe = find_moe(model)
+    if _zero_stage(training_args) == 3:
+        logger.info("ZeRO-3 leaf modules: %s", register_zero3_leaf_modules(model, moe))
+    configure_trainable(model, moe, training_args)
+    config = text_config(model.config)
+    return {
+        name: getattr(config, name)
+        for name in ("output_router_logits", "router_aux_loss_coef")
+        if getattr(config, name, None) is not None
+    }
 
 
 def configure_trainable(model, moe, training_args) -> None:
@@ -291,44 +309,31 @@ def load_data(data_args: DataArguments, training_args: SFTConfig, need_eval: boo
             seed=data_args.dataset_seed,
             target_files=data_args.dataset_target_files,
         )
-        evaluation = (
-            load_examples(
-                data_args.eval_dataset_name,
-                data_args.eval_directions,
-                data_args.eval_split,
-                limit=data_args.max_eval_examples,
-                seed=data_args.dataset_seed,
-                target_files=data_args.eval_target_files,
-            )
-            if need_eval
-            else {}
-        )
+        evaluation = data_args.load_eval_examples() if need_eval else {}
     return train, evaluation
+
+
+def needs_eval_examples(training_args) -> bool:
+    return TranslationEvalCallback.name in training_args.callbacks or training_args.eval_strategy != "no"
 
 
 def sft_dataset(tokenizer, examples) -> Dataset:
     return Dataset.from_list([sft_record(tokenizer, ex) for items in examples.values() for ex in items])
 
 
-def reconcile_aux_loss(trainer, pruning: PruningCallback | None) -> str:
-    """SFTTrainer re-enables the router aux loss after ``on_init_end``; it cannot handle per-layer expert counts."""
-    config = text_config(trainer.model.config)
-    if pruning is not None and pruning.pruned and not pruning.report.uniform and trainer.aux_loss_enabled:
-        trainer.aux_loss_enabled = False
-        trainer.router_aux_loss_coef = 0.0
-        config.output_router_logits = False
-        logger.warning(
-            "MoE layers keep different numbers of experts (%s): the router load-balancing aux loss of transformers "
-            "assumes one count per model, so it is switched off for this run.",
-            sorted(set(pruning.report.experts_after.values())),
-        )
-        return "off (per-layer expert counts differ)"
-    if trainer.aux_loss_enabled:
-        return f"on (coefficient {trainer.router_aux_loss_coef})"
-    return "off"
+def sft_datasets(tokenizer, train_examples, eval_examples, training_args) -> tuple[Dataset, Dataset | None]:
+    """Prompt-completion records (loss on the completion only); the eval set only for the Trainer's own eval loss."""
+    evaluation = sft_dataset(tokenizer, eval_examples) if training_args.eval_strategy != "no" else None
+    return sft_dataset(tokenizer, train_examples), evaluation
 
 
 # ---- outputs --------------------------------------------------------------------------------------------------------
+def outcome_of(callbacks, kind: type):
+    """What a callback of ``kind`` found (its ``outcome``), or None when the recipe does not use it."""
+    callback = find_callback(callbacks, kind)
+    return callback.outcome if callback is not None else None
+
+
 def _trainable_summary(model) -> dict:
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     return {
@@ -345,7 +350,9 @@ def _scores_entry(entry: dict | None) -> dict | None:
     return {key: entry[key] for key in ("label", "step", "directions", "average")}
 
 
-def sft_card_section(mode, model_args, data_args, training_args, train_counts, global_step, aux, evaluation) -> str:
+def sft_card_section(
+    mode, model_args, data_args, training_args, train_counts, global_step, aux, evaluation: EvaluationOutcome | None
+) -> str:
     world = PartialState().num_processes
     batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     modes = {
@@ -366,11 +373,10 @@ def sft_card_section(mode, model_args, data_args, training_args, train_counts, g
         f"seed {training_args.seed}; router load-balancing loss: {aux}.",
     ]
     if evaluation is not None and evaluation.history:
-        start = next((h for h in evaluation.history if h["label"] == "start"), None)
-        end = evaluation.history[-1]
+        start, end = evaluation.start, evaluation.end
         lines += [
             f"- Translation quality on `{data_args.eval_dataset_name}` ({data_args.eval_split}), greedy decoding, "
-            f"max_new_tokens {evaluation.max_new_tokens}:",
+            f"max_new_tokens {evaluation.decoding['max_new_tokens']}:",
             "",
             "| direction | chrF++ after pruning | chrF++ final | BLEU after pruning | BLEU final |",
             "|---|---|---|---|---|",
@@ -383,10 +389,10 @@ def sft_card_section(mode, model_args, data_args, training_args, train_counts, g
     return "\n".join(lines) + "\n"
 
 
-def model_card(model_args, pruning: PruningCallback | None, sft_section: str) -> str:
-    if pruning is not None and pruning.pruned:
+def model_card(model_args, pruning: PruningOutcome | None, sft_section: str) -> str:
+    if pruning is not None:
         card = pruned_model_card(
-            model_args.model_name_or_path, pruning.plan, pruning.before, pruning.after, pruning.moe.routing
+            model_args.model_name_or_path, pruning.plan, pruning.summary_before, pruning.summary_after, pruning.routing
         )
     else:
         card = f"---\nlibrary_name: transformers\nbase_model: {model_args.model_name_or_path}\n---\n\n"
@@ -394,8 +400,12 @@ def model_card(model_args, pruning: PruningCallback | None, sft_section: str) ->
     return card + sft_section
 
 
-def save_final_model(trainer, tokenizer, model_dir: Path, extra_files: dict[str, str], output_router_logits) -> None:
-    """The trained model in its pruned architecture, atomically (a collective under ZeRO-3)."""
+def save_final_model(trainer, tokenizer, model_dir: Path, extra_files: dict[str, str], router_settings: dict) -> None:
+    """The trained model in its pruned architecture, atomically (a collective under ZeRO-3).
+
+    ``router_settings`` (``output_router_logits``, ``router_aux_loss_coef``) are written back as the model was
+    loaded, but for the aux loss of a model whose layers keep different counts: the run changed them for training.
+    """
     from peft import PeftModel
 
     accelerator = trainer.accelerator
@@ -408,7 +418,8 @@ def save_final_model(trainer, tokenizer, model_dir: Path, extra_files: dict[str,
         state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 shards on rank 0
     if accelerator.is_main_process:
         model.config.use_cache = True
-        text_config(model.config).output_router_logits = output_router_logits
+        for name, value in router_settings.items():
+            setattr(text_config(model.config), name, value)
         save_pruned_model(model, model_dir, tokenizer, overwrite=True, extra_files=extra_files, state_dict=state_dict)
         logger.info("Saved the final model to %s", model_dir)
     accelerator.wait_for_everyone()
@@ -455,7 +466,9 @@ def wandb_summary(results: dict, pruning_args: PruningArguments) -> dict:
     return summary
 
 
-class _Timer:
+class Timer:
+    """Seconds per stage: ``with timer("train"): ...``."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
@@ -468,20 +481,18 @@ class _Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - start, 2)
 
 
-# ---- the run --------------------------------------------------------------------------------------------------------
-def run(
-    model_args,
-    data_args: DataArguments,
-    calibration_args: CalibrationArguments,
-    pruning_args: PruningArguments,
-    training_args: SFTConfig,
-    stats: RoutingStats | None = None,
-) -> dict:
-    """Prune (and fine-tune) one model as the recipe says; returns what ``results.json`` holds (on every rank).
+# ---- the stages -----------------------------------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    """What the checks decided: where the run writes, the checkpoint it resumes, the plan it replays."""
 
-    ``stats`` (routing statistics computed by the caller, e.g. once for a whole sweep) skip the calibration.
-    """
-    start = time.time()
+    output_dir: Path
+    checkpoint: str | None
+    pruning_args: PruningArguments
+
+
+def prepare_run(model_args, data_args, calibration_args, pruning_args, training_args, calibrate: bool) -> RunSetup:
+    """Every check before a model loads (arguments, data, output directory); then the output directory is made."""
     state = PartialState()
     validate_arguments(model_args, training_args)
     check_recipe_data(
@@ -489,7 +500,7 @@ def run(
         calibration_args,
         train=not training_args.prune_only,
         evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
-        calibrate=stats is None and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan,
+        calibrate=calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan,
     )
     if os.environ.get("WANDB_SWEEP_ID"):
         training_args.output_dir = sweep_point_dir(training_args.output_dir, pruning_args, training_args.seed)
@@ -506,120 +517,216 @@ def run(
     if checkpoint is not None and (output_dir / PLAN_FILE).is_file() and not pruning_args.prune_plan:
         # the checkpoint holds the pruned architecture: replay its plan rather than re-planning
         pruning_args = replace(pruning_args, prune_plan=str(output_dir / PLAN_FILE))
+    return RunSetup(output_dir, checkpoint, pruning_args)
+
+
+def plan_pruning(
+    model, tokenizer, model_args, calibration_args, pruning_args, training_args, stats: RoutingStats | None, timer
+) -> PrunePlan:
+    """Statistics (given, reused from ``statistics_file``, or calibrated: every rank a shard) and the plan.
+
+    Rank 0's plan is broadcast, so that every rank prunes identically whatever floating-point noise the reductions
+    had; rank 0 saves it to ``output_dir/prune_plan.json`` (what a resumed run replays).
+    """
+    state = PartialState()
+    moe = find_moe(model)
+    if not pruning_args.prune_plan and next(model.parameters()).device != training_args.device:
+        logger.info("Moving the model to %s to measure its routing (the Trainer has not placed it yet).", state.device)
+        model.to(training_args.device)
+    if stats is None and not pruning_args.prune_plan:
+        with timer("calibrate"):
+            stats = statistics_for(
+                model,
+                tokenizer,
+                calibration_args,
+                model_args.model_name_or_path,
+                statistics_file=pruning_args.statistics_file,
+                progress=state.is_main_process,
+            )
+    with timer("plan"):
+        meter = layer_cost_meter(
+            model, moe, tokenizer, calibration_args, pruning_args.sensitivity_examples,
+            progress=state.is_main_process,
+        )  # fmt: skip
+        plan = plan_for(moe, stats, pruning_args, meter)
+    if pruning_args.statistics_file and not pruning_args.prune_plan:
+        plan.metadata.setdefault("statistics", pruning_args.statistics_file)
+    if state.num_processes > 1:
+        payload = [plan.to_dict()]
+        broadcast_object_list(payload, from_process=0)
+        plan = PrunePlan.from_dict(payload[0])
+    if state.is_main_process:
+        plan.save(Path(training_args.output_dir) / PLAN_FILE)
+    return plan
+
+
+def build_trainer(model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts: bool):
+    """``SFTTrainer`` with the recipe's callbacks; ``expert_pruning`` prunes in ``on_init_end``.
+
+    With LoRA the model is pruned first, because ``SFTTrainer.__init__`` wraps it in PEFT before ``on_init_end``.
+    Layers left with different expert counts (``uneven_counts``) switch the router aux loss off before TRL reads
+    ``router_aux_loss_coef``.
+    """
+    from trl import SFTTrainer, get_peft_config
+
+    pruning = find_callback(callbacks, PruningCallback)
+    if uneven_counts:
+        training_args.router_aux_loss_coef = 0.0
+        logger.warning(
+            "MoE layers keep different numbers of experts: the router load-balancing aux loss of transformers "
+            "assumes one count per model, so it is switched off for this run."
+        )
+    if pruning is not None and model_args.use_peft:
+        pruning.prune(model, when="before PEFT wrapping")
+    train_dataset, eval_dataset = datasets
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+    for callback in callbacks:
+        if hasattr(callback, "bind"):
+            callback.bind(trainer)
+    return trainer
+
+
+def aux_loss_description(trainer, uneven_counts: bool) -> str:
+    if trainer.aux_loss_enabled:
+        return f"on (coefficient {trainer.router_aux_loss_coef})"
+    return "off (per-layer expert counts differ)" if uneven_counts else "off"
+
+
+def train_model(trainer, training_args, checkpoint: str | None, evaluation) -> dict:
+    """The SFT (resumed from ``checkpoint`` with exactly its weights), or, prune-only, one evaluation."""
+    metrics = {}
+    if training_args.prune_only:
+        if evaluation is not None:
+            evaluation.evaluate("end")
+    else:
+        if checkpoint is not None and restore_checkpoint_weights(trainer.model, checkpoint):
+            logger.info(
+                "Restored the weights of %s (the Trainer's missing-keys warning that follows is moot).", checkpoint
+            )
+        metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    trainer.save_state()  # trainer_state.json: the log history, eval_mt/... scores included
+    return metrics
+
+
+def run(
+    model_args,
+    data_args: DataArguments,
+    calibration_args: CalibrationArguments,
+    pruning_args: PruningArguments,
+    training_args: SFTConfig,
+    stats: RoutingStats | None = None,
+) -> dict:
+    """Prune (and fine-tune) one model as the recipe says; returns what ``results.json`` holds (on every rank).
+
+    ``stats`` (routing statistics computed by the caller, e.g. once for a whole sweep) skip the calibration.
+    """
+    start, timer, state = time.time(), Timer(), PartialState()
+
+    # Checks (before any model loads), the output directory, and the W&B run (rank 0)
+    setup = prepare_run(model_args, data_args, calibration_args, pruning_args, training_args, calibrate=stats is None)
+    pruning_args = setup.pruning_args
     set_seed(training_args.seed)
     wandb_run = init_wandb_training(
         training_args, recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
     )
     try:
-        results, translations = _prune_and_train(
-            model_args, data_args, calibration_args, pruning_args, training_args, stats, checkpoint
+        # Model and data
+        with timer("load_model"):
+            model, tokenizer = load_model(model_args, training_args)
+        router_settings = prepare_model(model, training_args)
+        with timer("load_data"):
+            train_examples, eval_examples = load_data(data_args, training_args, needs_eval_examples(training_args))
+            datasets = sft_datasets(tokenizer, train_examples, eval_examples, training_args)
+
+        # Routing statistics and the prune plan
+        plan = None
+        if PruningCallback.name in training_args.callbacks:
+            plan = plan_pruning(
+                model, tokenizer, model_args, calibration_args, pruning_args, training_args, stats, timer
+            )
+
+        # Trainer (expert_pruning prunes in on_init_end, before the optimizer exists)
+        callbacks = get_callbacks(
+            training_args.callbacks, RunContext(model_args.model_name_or_path, training_args, plan, eval_examples)
         )
+        moe = find_moe(model)  # before PEFT wraps the experts
+        uneven_counts = plan is not None and not router_aux_loss_applies(plan.experts_after(moe))
+        with timer("build_trainer"):
+            trainer = build_trainer(model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts)
+        if training_args.freeze_router:
+            check_routers_frozen(trainer.model, moe)
+        pruning = outcome_of(callbacks, PruningCallback)
+        evaluation = find_callback(callbacks, TranslationEvalCallback)
+        trainable = _trainable_summary(trainer.model)
+        mode = training_mode(model_args, training_args)
+        if state.is_main_process:
+            logger.info(
+                "Mode %s; trainable: %s parameters in %s", mode, f"{trainable['parameters']:,}", trainable["tensors"]
+            )
+
+        # Train (or, prune-only, score the pruned model)
+        with timer("train"):
+            train_metrics = train_model(trainer, training_args, setup.checkpoint, evaluation)
+        scores = outcome_of(callbacks, TranslationEvalCallback)
+
+        # Save the model with its plan and card
+        aux = aux_loss_description(trainer, uneven_counts)
+        train_counts = {d: len(v) for d, v in train_examples.items()}
+        section = sft_card_section(
+            mode, model_args, data_args, training_args, train_counts, trainer.state.global_step, aux, scores
+        )
+        extra_files = {"README.md": model_card(model_args, pruning, section)}
+        if pruning is not None:
+            extra_files[PLAN_FILE] = json.dumps(pruning.plan.to_dict(), indent=2) + "\n"
+            if "output_router_logits" in router_settings:
+                router_settings["output_router_logits"] &= pruning.report.uniform
+        with timer("save"):
+            save_final_model(trainer, tokenizer, setup.output_dir / MODEL_DIR, extra_files, router_settings)
     except BaseException:
         finish_wandb(exit_code=1)
         raise
-    results["timings"]["total"] = round(time.time() - start, 2)
+
+    # Results: results.json, translations.json, the W&B summary
+    timings = {**timer.seconds, "total": round(time.time() - start, 2)}
+    if pruning is not None:
+        timings["prune"] = pruning.seconds
+    if scores is not None:
+        timings["mt_eval"] = scores.seconds
+    results = results_record(
+        model_args, data_args, calibration_args, training_args, setup, mode, train_counts, eval_examples,
+        trainer, trainable, aux, train_metrics, pruning, scores, timings,
+    )  # fmt: skip
     results["wandb"] = {"id": wandb_run.id, "dir": wandb_run.dir} if wandb_run is not None else None
     if state.is_main_process:
-        atomic_write_json(results, output_dir / RESULTS_FILE)
-        if translations:
-            atomic_write_json(translations, output_dir / TRANSLATIONS_FILE)
+        atomic_write_json(results, setup.output_dir / RESULTS_FILE)
+        if scores is not None and scores.records:
+            atomic_write_json(scores.records, setup.output_dir / TRANSLATIONS_FILE)
         update_wandb_summary(wandb_summary(results, pruning_args))
     finish_wandb()
     state.wait_for_everyone()
     return results
 
 
-def _prune_and_train(model_args, data_args, calibration_args, pruning_args, training_args, stats, checkpoint):
-    from trl import SFTTrainer, get_peft_config
-
-    timer = _Timer()
+def results_record(
+    model_args, data_args, calibration_args, training_args, setup: RunSetup, mode, train_counts, eval_examples,
+    trainer, trainable, aux, train_metrics, pruning: PruningOutcome | None, scores: EvaluationOutcome | None, timings,
+) -> dict:  # fmt: skip
+    """What ``results.json`` holds: the run, its data, the pruning report, training, scores and timings."""
     state = PartialState()
-    output_dir = Path(training_args.output_dir)
-    with timer("load_model"):
-        model, tokenizer = load_model(model_args, training_args)
-    moe = find_moe(model)
-    if _zero_stage(training_args) == 3:
-        logger.info("ZeRO-3 leaf modules: %s", register_zero3_leaf_modules(model, moe))
-    configure_trainable(model, moe, training_args)
-    output_router_logits = bool(getattr(text_config(model.config), "output_router_logits", False))
-
-    need_eval = "translation_eval" in training_args.callbacks or training_args.eval_strategy != "no"
-    with timer("load_data"):
-        train_examples, eval_examples = load_data(data_args, training_args, need_eval)
-        train_dataset = sft_dataset(tokenizer, train_examples)
-        eval_dataset = sft_dataset(tokenizer, eval_examples) if training_args.eval_strategy != "no" else None
-
-    context = RunContext(
-        model_args.model_name_or_path, tokenizer, calibration_args, pruning_args, training_args, eval_examples, stats
-    )
-    callbacks = get_callbacks(training_args.callbacks, context)
-    pruning = find_callback(callbacks, PruningCallback)
-    evaluation = find_callback(callbacks, TranslationEvalCallback)
-    with timer("build_trainer"):
-        if pruning is not None and model_args.use_peft:
-            # SFTTrainer.__init__ wraps the model in PEFT before on_init_end: prune first
-            pruning.prune(model, device=training_args.device, when="before PEFT wrapping")
-        trainer = SFTTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-            callbacks=callbacks,
-        )  # expert_pruning prunes in on_init_end, before the optimizer and accelerator.prepare
-    for callback in callbacks:
-        if hasattr(callback, "bind"):
-            callback.bind(trainer)
-    aux = reconcile_aux_loss(trainer, pruning)
-    if training_args.freeze_router:
-        check_routers_frozen(trainer.model, moe)
-    pruned = pruning is not None and pruning.pruned
-    if pruned:
-        output_router_logits = output_router_logits and pruning.report.uniform
-    trainable = _trainable_summary(trainer.model)
-    mode = training_mode(model_args, training_args)
-    if state.is_main_process:
-        logger.info(
-            "Mode %s; trainable: %s parameters in %s", mode, f"{trainable['parameters']:,}", trainable["tensors"]
-        )
-
-    train_metrics = {}
-    with timer("train"):
-        if training_args.prune_only:
-            if evaluation is not None:
-                evaluation.evaluate("end")
-        else:
-            if checkpoint is not None and restore_checkpoint_weights(trainer.model, checkpoint):
-                logger.info(
-                    "Restored the weights of %s (the Trainer's missing-keys warning that follows is moot).", checkpoint
-                )
-            train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
-    trainer.save_state()  # trainer_state.json: the log history, eval_mt/... scores included
-
-    history = evaluation.history if evaluation is not None else []
-    start_scores = next((h for h in history if h["label"] == "start"), None)
-    if start_scores is None and mode == "prune_only" and history:
-        start_scores = history[-1]  # nothing was trained: the scores after pruning are the start and the end
-    scores = {"start": _scores_entry(start_scores), "end": _scores_entry(history[-1] if history else None)}
-    train_counts = {d: len(v) for d, v in train_examples.items()}
-    sft_section = sft_card_section(
-        mode, model_args, data_args, training_args, train_counts, trainer.state.global_step, aux, evaluation
-    )
-    extra_files = {"README.md": model_card(model_args, pruning, sft_section)}
-    if pruned:
-        extra_files[PLAN_FILE] = json.dumps(pruning.plan.to_dict(), indent=2) + "\n"
-    with timer("save"):
-        save_final_model(trainer, tokenizer, output_dir / MODEL_DIR, extra_files, output_router_logits)
-
-    timings = {**timer.seconds, **(pruning.seconds if pruning is not None else {})}
-    if evaluation is not None:
-        timings["mt_eval"] = round(evaluation.seconds, 2)
+    history = scores.history if scores is not None else []
     results = {
         "model": model_args.model_name_or_path,
-        "output_dir": str(output_dir),
-        "model_dir": str(output_dir / MODEL_DIR),
-        "run_name": training_args.run_name or output_dir.name,
+        "output_dir": str(setup.output_dir),
+        "model_dir": str(setup.output_dir / MODEL_DIR),
+        "run_name": training_args.run_name or setup.output_dir.name,
         "mode": mode,
         "freeze_router": training_args.freeze_router,
         "world_size": state.num_processes,
@@ -636,29 +743,33 @@ def _prune_and_train(model_args, data_args, calibration_args, pruning_args, trai
         "pruning": None,
         "training": {
             "global_step": trainer.state.global_step,
-            "resumed_from": checkpoint,
+            "resumed_from": setup.checkpoint,
             "trainable": trainable,
             "aux_loss": aux,
             "metrics": train_metrics,
         },
-        "decoding": evaluation.decoding if evaluation is not None else None,
-        "scores": scores,
+        "decoding": scores.decoding if scores is not None else None,
+        "scores": {
+            "start": _scores_entry(scores.start if scores is not None else None),
+            "end": _scores_entry(scores.end if scores is not None else None),
+        },
         "history": [{"label": h["label"], "step": h["step"], "average": h["average"]} for h in history],
+        "translations_file": str(setup.output_dir / TRANSLATIONS_FILE) if scores and scores.records else None,
         "timings": timings,
         "version": __version__,
     }
-    if pruned:
+    if pruning is not None:
         results["pruning"] = {
             "target_ratio": pruning.plan.metadata.get("target_ratio"),  # None for a hand-written plan
             **pruning.report.to_dict(),
             "uniform": pruning.report.uniform,
-            "plan_file": str(output_dir / PLAN_FILE),
+            "plan_file": str(setup.output_dir / PLAN_FILE),
             "criterion": pruning.plan.metadata.get("criterion"),
             "allocation": pruning.plan.metadata.get("allocation"),
-            "statistics_file": calibration_args.statistics_file,
-            "routing": {"kind": pruning.moe.routing.kind, "exact": pruning.moe.routing.exact},
+            "statistics_file": setup.pruning_args.statistics_file,
+            "routing": {"kind": pruning.routing.kind, "exact": pruning.routing.exact},
         }
-    return results, (evaluation.records if evaluation is not None else {})
+    return results
 
 
 def parse_recipe(args: list[str] | None = None):

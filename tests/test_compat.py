@@ -1,0 +1,87 @@
+"""Each private transformers / TRL internal that moe_specialist.compat relies on, pinned: an upgrade that changes one
+fails here, naming it, instead of making a run silently wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_specialist.compat import (
+    causal_lm_class_for,
+    experts_implementation,
+    log_as_evaluation,
+    original_key_names,
+    zero3_init_disabled,
+)
+from tests.tiny_models import tiny_model
+
+
+def test_zero3_init_disabled_hides_the_global_deepspeed_config():
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    assert hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"), "transformers moved its global DeepSpeed config"
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with zero3_init_disabled():
+            assert not is_deepspeed_zero3_enabled()  # from_pretrained would not enter zero.Init
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        del config
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize(
+    "model_type, name, on_disk",
+    [
+        ("mixtral", "model.layers.1.mlp.gate.weight", "model.layers.1.block_sparse_moe.gate.weight"),
+        ("qwen3_moe", "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.weight"),
+        ("gpt_oss", "model.layers.1.mlp.router.weight", "model.layers.1.mlp.router.weight"),
+    ],
+)
+def test_original_key_names_follow_the_saved_format(model_type, name, on_disk, tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model(model_type)
+    assert original_key_names(model, [name]) == {name: on_disk}
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert on_disk in f.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+
+
+def test_log_as_evaluation_keeps_the_pending_training_metrics(tiny_translator, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from moe_specialist.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_translator))
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    dataset = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    trainer = SFTTrainer(model=model.train(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert hasattr(trainer, "_metrics") and set(trainer._metrics) == {"train", "eval"}, "SFTTrainer's metrics moved"
+    trainer._metrics["train"]["entropy"].append(1.5)
+    log_as_evaluation(trainer, {"eval_mt/avg/chrf++": 12.5})
+    entry = trainer.state.log_history[-1]
+    assert entry["eval_mt/avg/chrf++"] == 12.5 and "entropy" not in entry
+    assert trainer._metrics["train"]["entropy"] == [1.5]  # still pending for the next training log
+    assert trainer.model.training
+    trainer.log({"loss": 1.0})  # in train mode TRL folds them in: what log_as_evaluation avoids
+    assert trainer.state.log_history[-1]["entropy"] == pytest.approx(1.5)
+    assert torch.is_grad_enabled()
+
+
+def test_causal_lm_class_for_maps_configs_without_building_models():
+    from transformers import AutoConfig, Qwen3MoeForCausalLM
+
+    assert causal_lm_class_for(tiny_model("qwen3_moe").config) is Qwen3MoeForCausalLM
+    assert causal_lm_class_for(AutoConfig.for_model("clip")) is None  # not a causal LM
+
+
+def test_experts_implementation_reads_what_set_experts_implementation_set():
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("eager")
+    assert experts_implementation(model) == "eager"
+    model.set_experts_implementation("grouped_mm")
+    assert experts_implementation(model) == "grouped_mm"
