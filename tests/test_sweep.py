@@ -221,3 +221,29 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     # another configuration must not reuse these points
     with pytest.raises(ValueError, match=r"another configuration \(max_eval_examples differ\)"):
         run_sweep_cli([*argv, "--max_eval_examples", "2"])
+
+
+def test_sweep_with_the_sensitivity_allocation_measures_each_ranking_once(tiny_translator, tmp_path, caplog):
+    import logging
+
+    from moe_specialist.plan import PrunePlan
+
+    out = tmp_path / "sensitivity"
+    argv = [
+        "--config", str(RECIPE), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out),
+        "--ratios", "0,0.5,0.75", "--criteria", "frequency@sensitivity,gate_mass@sensitivity",
+        "--sensitivity_examples", "4", "--max_eval_examples", "2", "--max_new_tokens", "4", "--report_to", "none",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="moe_specialist.sensitivity"):
+        run_sweep_cli(argv)
+    measured = [r for r in caplog.records if r.getMessage().startswith("Layer sensitivity")]
+    assert len(measured) == 2  # one measurement per criterion's ranking, reused across the ratios
+    for criterion in ("frequency", "gate_mass"):
+        plans = [
+            PrunePlan.load(out / "points" / f"r{ratio}-{criterion}-sensitivity" / "prune_plan.json")
+            for ratio in ("0.500", "0.750")
+        ]
+        assert [p.metadata["allocation"] for p in plans] == ["sensitivity"] * 2
+        assert plans[0].metadata["layer_costs"] == plans[1].metadata["layer_costs"]
+        assert [p.metadata["actual_ratio"] for p in plans] == [0.5, 0.75]
+        assert [sum(len(ids) for ids in p.kept_experts.values()) for p in plans] == [16, 8]
