@@ -19,7 +19,7 @@ from moe_specialist.configs import CalibrationArguments, split_list
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.data.languages import get_language
 from moe_specialist.data.prompts import encode_prompt_completion
-from moe_specialist.data.sources import general_texts, load_examples
+from moe_specialist.data.sources import general_texts
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.stats import IGNORE, METRICS, ROLES, RoutingCollector, RoutingStats, StatisticsMismatchError
 
@@ -112,14 +112,7 @@ def calibrate(
 
 def calibration_data(args: CalibrationArguments) -> tuple[dict[str, list[ParallelExample]], dict[str, list[str]]]:
     """Examples per direction and monolingual texts per language, as the arguments ask."""
-    examples = load_examples(
-        args.calibration_dataset,
-        args.calibration_directions,
-        args.calibration_split,
-        limit=args.calibration_examples,
-        seed=args.calibration_seed,
-        target_files=args.calibration_target_files,
-    )
+    examples = args.calibration_selection.load()
     general = {
         get_language(lang).short: general_texts(
             lang, args.calibration_split, args.calibration_examples, args.calibration_seed

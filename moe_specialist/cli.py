@@ -295,7 +295,7 @@ def cmd_evaluate(argv: list[str]) -> None:
         "evaluate", (EvalDataArguments, GenerationArguments, OutputArguments), argv
     )
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path)) if output.output else None
-    examples = evaluation.load_eval_examples()
+    examples = evaluation.eval_selection.load()
     model, tokenizer = _load_model(model_args, remote, device=_distributed_state().device)
     result = evaluate_translations(
         model,

@@ -232,6 +232,20 @@ class CalibrationArguments:
         check_minimum(self, 1, "calibration_examples", "calibration_batch_size")
         check_minimum(self, 2, "calibration_max_length")  # room for a prompt token and a target token
 
+    @property
+    def calibration_selection(self):
+        """The translation pairs calibrated on (monolingual texts come from ``calibration_general_languages``)."""
+        from moe_specialist.data.sources import DataSelection
+
+        return DataSelection(
+            self.calibration_dataset,
+            self.calibration_split,
+            self.calibration_target_files,
+            self.calibration_directions,
+            self.calibration_examples,
+            self.calibration_seed,
+        )
+
 
 @dataclass
 class PruningArguments:
@@ -338,39 +352,31 @@ class EvalDataArguments:
         check_target_files(self.eval_dataset_name, self.eval_target_files, "eval_target_files")
         check_minimum(self, 1, "max_eval_examples")
 
-    def load_eval_examples(self) -> dict:
-        """The evaluated examples per direction: the same seeded sample on every rank and in every command."""
-        from moe_specialist.data.sources import load_examples
+    @property
+    def eval_selection(self):
+        """The evaluated examples: the same seeded sample on every rank and in every command."""
+        from moe_specialist.data.sources import DataSelection
 
-        return load_examples(
+        return DataSelection(
             self.eval_dataset_name,
-            self.eval_directions,
             self.eval_split,
-            limit=self.max_eval_examples,
-            seed=self.dataset_seed,
-            target_files=self.eval_target_files,
+            self.eval_target_files,
+            self.eval_directions,
+            self.max_eval_examples,
+            self.dataset_seed,
         )
 
 
-def check_calibration_data(
-    calibration: CalibrationArguments,
-    eval_dataset: str,
-    eval_split: str,
-    eval_target_files: str | list[str] | None = None,
-) -> None:
-    """Statistics from the evaluated data would tune the pruning on the very sentences it is scored on.
+def check_calibration_data(calibration: CalibrationArguments, evaluated) -> None:
+    """Statistics from the ``evaluated`` data (a DataSelection) would tune the pruning on the very sentences it is
+    scored on.
 
     The monolingual texts of ``calibration_general_languages`` are Bible verses of ``calibration_split``, so they
     are checked too.
     """
     from moe_specialist.data.sources import DataSelection, selections_overlap
 
-    evaluated = DataSelection(eval_dataset, eval_split, split_list(eval_target_files))
-    used = [
-        DataSelection(
-            calibration.calibration_dataset, calibration.calibration_split, calibration.calibration_target_files
-        )
-    ]
+    used = [calibration.calibration_selection]
     if split_list(calibration.calibration_general_languages):
         used.append(DataSelection("bible", calibration.calibration_split))
     for selection in used:

@@ -18,7 +18,7 @@ from moe_specialist.configs import (
     GenerationArguments,
     check_calibration_data,
 )
-from moe_specialist.data.sources import load_examples
+from moe_specialist.data.sources import DataSelection, load_examples
 from moe_specialist.entry import ArgumentParser
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.sweep import SweepArguments, runner
@@ -193,18 +193,18 @@ def test_calibrating_on_the_evaluated_file_is_refused_whatever_the_split(tmp_pat
     (data / "dev.tsv").write_text("Hello.\tBonjour.\n", encoding="utf-8")
     calibration = CalibrationArguments(calibration_dataset=str(data / "dev.tsv"), calibration_split="train")
     with pytest.raises(ConfigurationError, match=r"Calibrating on .*dev.tsv would choose experts on the sentences"):
-        check_calibration_data(calibration, str(data / "*.tsv"), "test")  # a glob naming the same file
+        check_calibration_data(calibration, DataSelection(str(data / "*.tsv"), "test"))  # a glob naming the same file
     with pytest.raises(ConfigurationError, match="calibrate on other files"):
-        check_calibration_data(calibration, str(tmp_path / "data" / ".." / "data" / "dev.tsv"), "dev")
-    check_calibration_data(calibration, str(data / "other.tsv"), "test")
-    check_calibration_data(calibration, "bible", "train")
+        check_calibration_data(calibration, DataSelection(str(tmp_path / "data" / ".." / "data" / "dev.tsv"), "dev"))
+    check_calibration_data(calibration, DataSelection(str(data / "other.tsv"), "test"))
+    check_calibration_data(calibration, DataSelection("bible", "train"))
 
 
 def test_calibration_split_aliases_are_resolved():
     with pytest.raises(ConfigurationError, match=r"Calibrating on bible:validation .*\(bible:dev\).*split: train"):
-        check_calibration_data(CalibrationArguments(calibration_split="validation"), "bible", "dev")
-    check_calibration_data(CalibrationArguments(calibration_split="dev"), "flores_plus", "dev")
-    check_calibration_data(CalibrationArguments(calibration_split="train"), "bible", "test")
+        check_calibration_data(CalibrationArguments(calibration_split="validation"), DataSelection("bible", "dev"))
+    check_calibration_data(CalibrationArguments(calibration_split="dev"), DataSelection("flores_plus", "dev"))
+    check_calibration_data(CalibrationArguments(calibration_split="train"), DataSelection("bible", "test"))
 
 
 def test_monolingual_calibration_texts_count_as_calibration_data():
@@ -212,7 +212,7 @@ def test_monolingual_calibration_texts_count_as_calibration_data():
         calibration_dataset="corpus.tsv", calibration_split="test", calibration_general_languages="fr"
     )
     with pytest.raises(ConfigurationError, match=r"Calibrating on bible:test .*\(bible:test\)"):
-        check_calibration_data(calibration, "bible", "test")
+        check_calibration_data(calibration, DataSelection("bible", "test"))
 
 
 def test_reference_files_count_as_shared_data():
@@ -221,7 +221,9 @@ def test_reference_files_count_as_shared_data():
         calibration_dataset=str(FILES / "aligned.fr"), calibration_target_files=str(FILES / "aligned.en")
     )
     with pytest.raises(ConfigurationError, match=r"aligned.fr \+ .*aligned.en would choose experts"):
-        check_calibration_data(calibration, str(FILES / "aligned.2.fr"), "test", [str(FILES / "aligned.fr")])
+        check_calibration_data(
+            calibration, DataSelection(str(FILES / "aligned.2.fr"), "test", [str(FILES / "aligned.fr")])
+        )
     with pytest.raises(ConfigurationError, match="The eval data .* overlaps the SFT data"):
         DataArguments(
             dataset_name=str(FILES / "aligned.en"),

@@ -21,7 +21,7 @@ from moe_specialist.plan import PrunePlan, plan_for
 from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.training import PruningCallback, get_callbacks, parse_recipe, run
 from moe_specialist.training.callbacks import check_callback_names, expert_fingerprint
-from moe_specialist.training.pipeline import validate_arguments
+from moe_specialist.training.setup import validate_arguments
 from tests.tiny_models import tiny_model
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"

@@ -23,7 +23,7 @@ import torch
 from moe_specialist.errors import MissingInputError
 from moe_specialist.prune import load_pruned_model
 from moe_specialist.training import parse_recipe, run
-from moe_specialist.training.pipeline import resolve_checkpoint
+from moe_specialist.training.setup import resolve_checkpoint
 from tests.conftest import build_tiny_translator
 
 TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"

@@ -118,7 +118,7 @@ def test_quality_curve_is_drawn_against_the_actual_ratio(tmp_path, monkeypatch):
 
 def test_the_run_summary_names_the_target_and_the_actual_ratio():
     from moe_specialist.configs import PruningArguments
-    from moe_specialist.training.pipeline import wandb_summary
+    from moe_specialist.training.outputs import wandb_summary
 
     model = tiny_model("qwen3_moe")
     report = prune_model(model, PrunePlan({0: [0, 1], 1: [0, 1, 2, 3], 2: list(range(8)), 3: list(range(8))}))

@@ -50,7 +50,7 @@ def test_the_header_states_the_grid_size(path):
 
 def test_each_grid_point_of_a_wandb_sweep_gets_its_own_output_dir():
     from moe_specialist.configs import PruningArguments
-    from moe_specialist.training.pipeline import sweep_point_dir
+    from moe_specialist.training.setup import sweep_point_dir
 
     a = sweep_point_dir("outputs/x", PruningArguments(pruning_ratio=0.5, pruning_criterion="frequency"), 42)
     b = sweep_point_dir("outputs/x", PruningArguments(pruning_ratio=0.75, pruning_criterion="frequency"), 42)

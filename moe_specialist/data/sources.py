@@ -101,11 +101,29 @@ def _source_files(source: str, target_files: Sequence[str | Path] | None) -> lis
 
 @dataclass(frozen=True)
 class DataSelection:
-    """The data one role reads (SFT, calibration, evaluation): a source, its split, and aligned reference files."""
+    """The data one role reads (SFT, calibration, evaluation): a source, its split, aligned reference files, and the
+    directions and seeded sample size to load (see :func:`load_examples`)."""
 
     source: str
     split: str  # unused by local files: a local file is its own split
     target_files: Sequence[str] | None = None
+    directions: Sequence[str] = ()
+    limit: int | None = None
+    seed: int = 0
+
+    def load(self) -> dict[str, list[ParallelExample]]:
+        return load_examples(
+            self.source,
+            list(self.directions),
+            self.split,
+            limit=self.limit,
+            seed=self.seed,
+            target_files=self.target_files,
+        )
+
+    def check_access(self) -> None:
+        """:func:`check_data_access` for this selection: before any model loads."""
+        check_data_access(self.source, list(self.directions), self.split, self.target_files)
 
     @property
     def local(self) -> bool:

@@ -66,7 +66,7 @@ class Sweep:
         self.calibration, self.pruning, self.data, self.generation = calibration, pruning, data, generation
         self.sft = sft
         self.wandb = wandb_logger
-        check_calibration_data(calibration, data.eval_dataset_name, data.eval_split, data.eval_target_files)
+        check_calibration_data(calibration, data.eval_selection)
         self.device = PartialState().device
         self.base, self.tokenizer = load_model_and_tokenizer(
             model_name, model_args.dtype, model_args.model_revision, trust_remote_code, device=self.device
@@ -80,7 +80,7 @@ class Sweep:
         self.measure_layer_costs = layer_cost_meter(
             self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
         )
-        self.examples = data.load_eval_examples()
+        self.examples = data.eval_selection.load()
 
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
@@ -221,7 +221,9 @@ def run_sweep_cli(argv: list[str]) -> None:
     """
     from moe_specialist.entry import ArgumentParser, command_name
     from moe_specialist.training.configs import RECIPE_TYPES
-    from moe_specialist.training.pipeline import check_recipe_data, recipe_config, run
+    from moe_specialist.training.outputs import recipe_config
+    from moe_specialist.training.pipeline import run
+    from moe_specialist.training.setup import check_recipe_data
 
     model_args, data_args, calibration_args, pruning_args, training_args, sweep_args = ArgumentParser(
         (*RECIPE_TYPES, SweepArguments), prog=command_name("sweep")

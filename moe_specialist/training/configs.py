@@ -66,7 +66,7 @@ class DataArguments(EvalDataArguments):
     )
 
     def __post_init__(self):
-        from moe_specialist.data.sources import DataSelection, check_target_files, check_trainable, selections_overlap
+        from moe_specialist.data.sources import check_target_files, check_trainable, selections_overlap
 
         normalize_lists(self)
         check_field_types(self)
@@ -77,8 +77,7 @@ class DataArguments(EvalDataArguments):
         self.eval_directions = self.eval_directions or self.train_directions
         super().__post_init__()  # the evaluated data's own checks
         check_target_files(self.dataset_name, self.dataset_target_files, "dataset_target_files")
-        trained = DataSelection(self.dataset_name, self.train_split, self.dataset_target_files)
-        evaluated = DataSelection(self.eval_dataset_name, self.eval_split, self.eval_target_files)
+        trained, evaluated = self.train_selection, self.eval_selection
         if selections_overlap(trained, evaluated):
             fix = (
                 "other files (eval_dataset_name, eval_target_files)"
@@ -89,6 +88,20 @@ class DataArguments(EvalDataArguments):
                 f"The eval data ({evaluated}) overlaps the SFT data ({trained}): evaluate on {fix}."
             )
         check_minimum(self, 1, "max_train_examples")
+
+    @property
+    def train_selection(self):
+        """The SFT examples: a seeded sample per direction, the same on every rank."""
+        from moe_specialist.data.sources import DataSelection
+
+        return DataSelection(
+            self.dataset_name,
+            self.train_split,
+            self.dataset_target_files,
+            self.train_directions,
+            self.max_train_examples,
+            self.dataset_seed,
+        )
 
 
 @dataclass
