@@ -73,9 +73,9 @@ class Sweep:
         )
         self.saved_dtype = saved_dtype(model_name)
         self.moe = find_moe(self.base)
-        pruning.statistics_file = pruning.statistics_file or str(run_dir / "stats.safetensors")
+        self.statistics_file = pruning.statistics_file or str(run_dir / "stats.safetensors")
         self.stats = statistics_for(
-            self.base, self.tokenizer, calibration, model_name, statistics_file=pruning.statistics_file
+            self.base, self.tokenizer, calibration, model_name, statistics_file=self.statistics_file
         )
         self.measure_layer_costs = layer_cost_meter(
             self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
@@ -160,7 +160,7 @@ def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[d
     )
     metadata = {
         "model": sweep.model_name,
-        "statistics": sweep.pruning.statistics_file,
+        "statistics": sweep.statistics_file,
         "eval": {
             "dataset": sweep.data.eval_dataset_name or sweep.data.dataset_name,
             "split": sweep.data.eval_split,
