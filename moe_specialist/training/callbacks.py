@@ -44,7 +44,6 @@ RANK_RECORDS_DIR = "ranks"
 class RunContext:
     """What the registered callbacks may need, gathered once by the pipeline."""
 
-    model_name: str
     training_args: Any  # moe_specialist.training.configs.SFTConfig
     plan: PrunePlan | None = None
     eval_examples: dict[str, list[ParallelExample]] = field(default_factory=dict)

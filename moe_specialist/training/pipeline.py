@@ -334,9 +334,7 @@ def run(
             )
 
         # Trainer (expert_pruning prunes in on_init_end, before the optimizer exists)
-        callbacks = get_callbacks(
-            training_args.callbacks, RunContext(model_args.model_name_or_path, training_args, plan, eval_examples)
-        )
+        callbacks = get_callbacks(training_args.callbacks, RunContext(training_args, plan, eval_examples))
         moe = find_moe(model)  # before PEFT wraps the experts
         uneven_counts = plan is not None and not router_aux_loss_applies(plan.experts_after(moe))
         with timer("build_trainer"):
