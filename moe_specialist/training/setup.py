@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from transformers.trainer import TRAINER_STATE_NAME
 
 from moe_specialist.configs import PruningArguments, check_calibration_data
-from moe_specialist.errors import ConfigurationError, MissingInputError, OutputExistsError
+from moe_specialist.errors import ConfigurationError, LaunchError, MissingInputError, OutputExistsError
 from moe_specialist.io import check_not_an_input
 from moe_specialist.models import local_model_dirs
 from moe_specialist.plan import PLAN_FILE
@@ -31,8 +31,6 @@ TRANSLATIONS_FILE = "translations.json"
 
 def validate_arguments(model_args, training_args: SFTConfig) -> None:
     """Cross-dataclass checks (each dataclass validates its own fields in ``__post_init__``) and the launch."""
-    if model_args.model_name_or_path is None:
-        raise ConfigurationError("model_name_or_path is required: a Hub id, a local directory or 'demo'.")
     if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
         raise ConfigurationError(
             "Quantized loading is not supported: pruning and SFT need the full-precision expert tensors."
@@ -55,7 +53,7 @@ def validate_arguments(model_args, training_args: SFTConfig) -> None:
     state = PartialState()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and (state.num_processes != launched or state.distributed_type == DistributedType.NO):
-        raise RuntimeError(
+        raise LaunchError(
             f"{launched} processes were launched, but accelerate sees {state.num_processes} "
             f"({state.distributed_type}): they would not train together. Without a GPU, leave use_cpu and "
             "ddp_backend unset (DDP then runs on CPU with gloo; DeepSpeed needs use_cpu false)."
@@ -106,7 +104,7 @@ def resolve_checkpoint(training_args) -> str | None:
     return str(value)
 
 
-RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", "trainer_state.json", "README.md")
+RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", TRAINER_STATE_NAME, "README.md")
 
 
 def clear_previous_run(output_dir: Path) -> None:
