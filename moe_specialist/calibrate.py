@@ -117,7 +117,7 @@ def calibration_data(args: CalibrationArguments) -> tuple[dict[str, list[Paralle
         get_language(lang).short: general_texts(
             lang, args.calibration_split, args.calibration_examples, args.calibration_seed
         )
-        for lang in split_list(args.calibration_general_languages) or []
+        for lang in args.calibration_general_languages or []
     }
     return examples, general
 

@@ -94,22 +94,6 @@ def _parse(command: str, types, argv):
     return ArgumentParser((ModelArguments, RemoteCodeArguments, *types), prog=command_name(command)).parse(argv)
 
 
-def _load_model(model_args: ModelArguments, remote: RemoteCodeArguments, source: str | None = None, device=None):
-    """The model (``source``: its resolved path, else ``model_name_or_path``) and tokenizer, as the recipe's knobs
-    say: dtype, revision, attention implementation, remote code."""
-    from moe_specialist.models import load_model_and_tokenizer
-
-    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    return load_model_and_tokenizer(
-        source or model_args.model_name_or_path,
-        model_args.dtype,
-        model_args.model_revision,
-        remote.trust_remote_code,
-        device=device,
-        **extra,
-    )
-
-
 def cmd_inspect(argv: list[str]) -> None:
     from moe_specialist.models import load_config
     from moe_specialist.prune import structure_from_config
@@ -172,8 +156,7 @@ def format_description(name: str, report: dict) -> str:
 
 def cmd_calibrate(argv: list[str]) -> None:
     from moe_specialist.calibrate import statistics_for
-    from moe_specialist.data.sources import check_data_access
-    from moe_specialist.models import local_model_dirs
+    from moe_specialist.models import load_from_arguments, local_model_dirs
 
     model_args, remote, calibration, output = _parse("calibrate", (CalibrationArguments, OutputArguments), argv)
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path))
@@ -181,14 +164,9 @@ def cmd_calibrate(argv: list[str]) -> None:
         raise ConfigurationError(
             f"--output {path} must end in .safetensors (a readable .json summary is written next to it)."
         )
-    check_data_access(
-        calibration.calibration_dataset,
-        calibration.calibration_directions,
-        calibration.calibration_split,
-        calibration.calibration_target_files,
-    )
+    calibration.calibration_selection.check_access()
     state = _distributed_state()
-    model, tokenizer = _load_model(model_args, remote, device=state.device)
+    model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device=state.device)
     stats = statistics_for(  # the output was checked above: with --overwrite, calibrate again
         model,
         tokenizer,
@@ -220,10 +198,8 @@ def cmd_plan(argv: list[str]) -> None:
     stats = RoutingStats.load(pruning.statistics_file) if pruning.statistics_file else None
     name = model_args.model_name_or_path
     moe = structure_from_config(load_config(name, model_args.model_revision, remote.trust_remote_code))
-    if stats is not None:  # the model is on the meta device: its routers are read from the checkpoint's files
-        stats.validate_for(moe, checkpoint=local_checkpoint(name, model_args.model_revision))
-    plan = plan_for(moe, stats, pruning)
-    plan.metadata.setdefault("statistics", pruning.statistics_file)
+    # the model is on the meta device: the statistics are checked against the routers in the checkpoint's files
+    plan = plan_for(moe, stats, pruning, checkpoint=local_checkpoint(name, model_args.model_revision))
     plan.save(path)
     kept = [len(ids) for ids in plan.kept_experts.values()]
     print(f"wrote {path}: {plan.metadata.get('actual_ratio')} of experts removed, kept per layer {kept}")
@@ -246,7 +222,7 @@ def local_checkpoint(name: str, revision: str | None) -> str | None:
 
 def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
-    from moe_specialist.models import local_model_dirs, resolve_model_path
+    from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
     from moe_specialist.plan import PLAN_FILE, PrunePlan
     from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
 
@@ -271,7 +247,7 @@ def cmd_prune(argv: list[str]) -> None:
     else:
         from moe_specialist.architectures import find_moe
 
-        model, tokenizer = _load_model(model_args, remote, source)
+        model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, source)
         moe = find_moe(model)
         summary_before = summarize_moe(moe)
         prune_model(model, plan, moe)
@@ -289,14 +265,14 @@ def cmd_prune(argv: list[str]) -> None:
 
 def cmd_evaluate(argv: list[str]) -> None:
     from moe_specialist.evaluate import evaluate_translations, summary_line
-    from moe_specialist.models import local_model_dirs
+    from moe_specialist.models import load_from_arguments, local_model_dirs
 
     model_args, remote, evaluation, generation, output = _parse(
         "evaluate", (EvalDataArguments, GenerationArguments, OutputArguments), argv
     )
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path)) if output.output else None
     examples = evaluation.eval_selection.load()
-    model, tokenizer = _load_model(model_args, remote, device=_distributed_state().device)
+    model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device=_distributed_state().device)
     result = evaluate_translations(
         model,
         tokenizer,

@@ -377,7 +377,7 @@ def check_calibration_data(calibration: CalibrationArguments, evaluated) -> None
     from moe_specialist.data.sources import DataSelection, selections_overlap
 
     used = [calibration.calibration_selection]
-    if split_list(calibration.calibration_general_languages):
+    if calibration.calibration_general_languages:
         used.append(DataSelection("bible", calibration.calibration_split))
     for selection in used:
         if selections_overlap(selection, evaluated):

@@ -99,3 +99,17 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None):
+    """The model and tokenizer a recipe's model arguments describe (dtype, revision, attention implementation);
+    ``source`` (a resolved path) replaces ``model_name_or_path``."""
+    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    return load_model_and_tokenizer(
+        source or model_args.model_name_or_path,
+        model_args.dtype,
+        model_args.model_revision,
+        trust_remote_code,
+        device=device,
+        **extra,
+    )

@@ -24,7 +24,7 @@ import torch
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
-from moe_specialist.configs import PruningArguments, split_list, validate_ratio
+from moe_specialist.configs import PruningArguments, validate_ratio
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import ROLES, RoutingStats
@@ -435,6 +435,7 @@ def make_plan(
     top_k: int | None = None,
     seed: int = 0,
     measure_layer_costs: LayerCosts | None = None,
+    checkpoint: str | Path | None = None,
 ) -> PrunePlan:
     """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``.
 
@@ -446,7 +447,7 @@ def make_plan(
     validate_ratio(ratio)
     if allocation not in ALLOCATIONS:
         raise ConfigurationError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
-    stats.validate_for(moe)
+    stats.validate_for(moe, checkpoint)  # a model on the meta device: routers read from the checkpoint
     if top_k is not None and not 1 <= top_k <= moe.top_k:
         raise ConfigurationError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
     groups = groups or stats.direction_groups()
@@ -524,24 +525,33 @@ def select_experts(scores: torch.Tensor, count: int, budget: Budget) -> list[int
 
 
 def plan_for(
-    moe: MoEModel, stats: RoutingStats | None, args: PruningArguments, measure_layer_costs: LayerCosts | None = None
+    moe: MoEModel,
+    stats: RoutingStats | None,
+    args: PruningArguments,
+    measure_layer_costs: LayerCosts | None = None,
+    checkpoint: str | Path | None = None,
 ) -> PrunePlan:
-    """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation."""
+    """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation
+    (``checkpoint``: the directory of a model built on the meta device, whose routers the statistics are checked
+    against)."""
     if args.prune_plan:
         plan = PrunePlan.load(args.prune_plan)
         plan.validate(moe)
         return plan
     if stats is None:
         raise ConfigurationError("Planning needs routing statistics (calibrate first) or a plan file (--prune_plan).")
-    return make_plan(
+    plan = make_plan(
         moe,
         stats,
         args.pruning_ratio,
         criterion=args.pruning_criterion,
         allocation=args.pruning_allocation,
-        groups=split_list(args.pruning_groups),
-        roles=split_list(args.pruning_roles),
+        groups=args.pruning_groups,
+        roles=args.pruning_roles,
         top_k=args.pruning_top_k,
         seed=args.pruning_seed,
         measure_layer_costs=measure_layer_costs,
+        checkpoint=checkpoint,
     )
+    plan.metadata.setdefault("statistics", args.statistics_file)
+    return plan

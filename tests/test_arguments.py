@@ -178,7 +178,7 @@ def test_the_sweep_refuses_a_bad_grid_before_loading_the_model(tmp_path, monkeyp
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "load_model_and_tokenizer", never)
+    monkeypatch.setattr(runner, "load_from_arguments", never)
     with pytest.raises(ConfigurationError):
         runner.run_sweep_cli(["--config", str(SWEEP_RECIPE), "--output_dir", str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()

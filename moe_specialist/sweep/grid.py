@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_specialist.configs import split_list
 from moe_specialist.errors import ConfigurationError
 
 
@@ -41,22 +40,14 @@ class SweepArguments:
         check_field_types(self)
         check_minimum(self, 1, "random_seeds")
         check_ratios(self, "ratios", "sft_at")
-        if not self.ratio_values:
+        if not self.ratios:
             raise ConfigurationError("--ratios is empty: give e.g. 0,0.5,0.75.")
-        missing = [r for r in self.sft_ratio_values if r not in self.ratio_values]
+        missing = [r for r in self.sft_at or [] if r not in self.ratios]
         if missing:
-            raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {self.ratio_values}.")
-        for method in [*(split_list(self.criteria) or []), *(split_list(self.sft_criteria) or [])]:
+            raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {self.ratios}.")
+        for method in [*(self.criteria or []), *(self.sft_criteria or [])]:
             # only the method's own names: PruningArguments checks the recipe's allocation, which fills in the rest
             split_method(method, PruningArguments.pruning_allocation)
-
-    @property
-    def ratio_values(self) -> list[float]:
-        return self.ratios or []
-
-    @property
-    def sft_ratio_values(self) -> list[float]:
-        return self.sft_at or []
 
 
 def split_method(method: str, default_allocation: str) -> tuple[str, str]:
@@ -89,18 +80,16 @@ class Point:
 
 def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
     """The grid of ratios x methods; ``args`` checked their own values when built (see SweepArguments)."""
-    ratios, sft_at = args.ratio_values, args.sft_ratio_values
+    sft_at = args.sft_at or []
     # always criterion@allocation: a point's id (and so its reuse on resume) names both
-    criteria = [
-        "@".join(split_method(m, default_allocation)) for m in split_list(args.criteria) or [default_criterion]
-    ]
-    sft_criteria = ["@".join(split_method(m, default_allocation)) for m in split_list(args.sft_criteria) or []]
+    criteria = ["@".join(split_method(m, default_allocation)) for m in args.criteria or [default_criterion]]
+    sft_criteria = ["@".join(split_method(m, default_allocation)) for m in args.sft_criteria or []]
     sft_criteria = sft_criteria or criteria[:1]
     unknown = [c for c in sft_criteria if c not in criteria]
     if unknown:
         raise ConfigurationError(f"--sft_criteria {unknown} are not among --criteria {criteria}.")
     points = []
-    for ratio in ratios:
+    for ratio in args.ratios:
         for criterion in criteria:
             if ratio == 0 and criterion != criteria[0]:
                 continue  # nothing is pruned: one baseline serves every criterion

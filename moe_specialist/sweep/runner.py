@@ -18,11 +18,11 @@ from transformers import AutoConfig
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
-from moe_specialist.configs import check_calibration_data, split_list
+from moe_specialist.configs import check_calibration_data
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
-from moe_specialist.models import load_model_and_tokenizer, local_model_dirs, resolve_model_path
+from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, make_plan
 from moe_specialist.plots import plot_quality_curve
 from moe_specialist.prune import prune_model
@@ -68,9 +68,7 @@ class Sweep:
         self.wandb = wandb_logger
         check_calibration_data(calibration, data.eval_selection)
         self.device = PartialState().device
-        self.base, self.tokenizer = load_model_and_tokenizer(
-            model_name, model_args.dtype, model_args.model_revision, trust_remote_code, device=self.device
-        )
+        self.base, self.tokenizer = load_from_arguments(model_args, trust_remote_code, device=self.device)
         self.saved_dtype = saved_dtype(model_name)
         self.moe = find_moe(self.base)
         self.statistics_file = pruning.statistics_file or str(run_dir / "stats.safetensors")
@@ -99,8 +97,8 @@ class Sweep:
             point.target_ratio,
             criterion=criterion,
             allocation=allocation,
-            groups=split_list(self.pruning.pruning_groups),
-            roles=split_list(self.pruning.pruning_roles),
+            groups=self.pruning.pruning_groups,
+            roles=self.pruning.pruning_roles,
             top_k=self.pruning.pruning_top_k,
             seed=point.seed,
             measure_layer_costs=self.measure_layer_costs,
@@ -154,8 +152,8 @@ def run_sweep(sweep: Sweep, points: list[Point], heatmap_ratio: float) -> list[d
         heatmap_ratio,
         plots / "expert_usage.png",
         sweep.stats,
-        split_list(sweep.pruning.pruning_groups),
-        split_list(sweep.pruning.pruning_roles),
+        sweep.pruning.pruning_groups,
+        sweep.pruning.pruning_roles,
         sweep.point_dir,
     )
     metadata = {

@@ -38,7 +38,7 @@ from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.models import load_model_and_tokenizer
+from moe_specialist.models import load_from_arguments
 from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
 from moe_specialist.prune import load_pruned_model, router_aux_loss_applies
 from moe_specialist.sensitivity import layer_cost_meter
@@ -95,15 +95,8 @@ def restore_checkpoint_weights(model, checkpoint: str) -> bool:
 # ---- model and data -------------------------------------------------------------------------------------------------
 def load_model(model_args, training_args):
     """Model and tokenizer, whole on every rank (see :func:`zero3_init_disabled`)."""
-    extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     with zero3_init_disabled():
-        model, tokenizer = load_model_and_tokenizer(
-            model_args.model_name_or_path,
-            model_args.dtype,
-            model_args.model_revision,
-            training_args.trust_remote_code,
-            **extra,
-        )
+        model, tokenizer = load_from_arguments(model_args, training_args.trust_remote_code)
     return model.train(), tokenizer
 
 
@@ -211,7 +204,9 @@ def plan_pruning(
     state = PartialState()
     moe = find_moe(model)
     if not pruning_args.prune_plan and next(model.parameters()).device != training_args.device:
-        logger.info("Moving the model to %s to measure its routing (the Trainer has not placed it yet).", state.device)
+        logger.info(
+            "Moving the model to %s to measure its routing (the Trainer has not placed it yet).", training_args.device
+        )
         model.to(training_args.device)
     if stats is None and not pruning_args.prune_plan:
         with timer("calibrate"):
@@ -229,8 +224,6 @@ def plan_pruning(
             progress=state.is_main_process,
         )  # fmt: skip
         plan = plan_for(moe, stats, pruning_args, meter)
-    if pruning_args.statistics_file and not pruning_args.prune_plan:
-        plan.metadata.setdefault("statistics", pruning_args.statistics_file)
     if state.num_processes > 1:
         payload = [plan.to_dict()]
         broadcast_object_list(payload, from_process=0)
