@@ -13,6 +13,7 @@ from moe_specialist.io import atomic_write_json, atomic_write_text
 from moe_specialist.plan import PLAN_FILE
 from moe_specialist.plots import plot_expert_usage
 from moe_specialist.sweep.grid import Point
+from moe_specialist.training.wandb_logging import score_summary
 
 
 def table_rows(results: list[dict]) -> list[dict]:
@@ -199,13 +200,7 @@ class SweepWandb:
                 "pruning/params_total": result["parameters"]["total"],
                 "pruning/params_active": result["parameters"]["active"],
                 "pruning/checkpoint_bytes": result["checkpoint_bytes"],
-                **{
-                    f"final/{d}/{m}": v
-                    for d, s in result["directions"].items()
-                    for m, v in s.items()
-                    if m in ("chrf++", "bleu", "off_target_rate")
-                },
-                "final/avg/chrf++": result["average"]["chrf++"],
+                **score_summary("final", result["directions"], result["average"]),
             }
         )
         wandb.finish()

@@ -20,7 +20,7 @@ from moe_specialist.plan import PLAN_FILE
 from moe_specialist.prune import save_pruned_model
 from moe_specialist.training.callbacks import EvaluationOutcome, PruningOutcome
 from moe_specialist.training.setup import MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, RunSetup, zero_stage
-from moe_specialist.training.wandb_logging import update_wandb_summary
+from moe_specialist.training.wandb_logging import score_summary, update_wandb_summary
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +148,8 @@ def wandb_summary(results: dict, pruning_args: PruningArguments) -> dict:
         }
     for label, prefix in (("start", "start"), ("end", "final")):
         entry = results["scores"].get(label)
-        if entry is None:
-            continue
-        for name, values in [*entry["directions"].items(), ("avg", entry["average"])]:
-            for metric, value in values.items():
-                if metric in ("chrf++", "bleu", "off_target_rate", "chrf++_signature", "bleu_signature"):
-                    summary[f"{prefix}/{name}/{metric}"] = value
+        if entry is not None:
+            summary |= score_summary(prefix, entry["directions"], entry["average"])
     return summary
 
 

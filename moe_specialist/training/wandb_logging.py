@@ -128,3 +128,16 @@ def finish_wandb(exit_code: int | None = None) -> None:
 
     if wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+SUMMARY_METRICS = ("chrf++", "bleu", "off_target_rate", "chrf++_signature", "bleu_signature")
+
+
+def score_summary(prefix: str, directions: dict[str, dict], average: dict) -> dict:
+    """``{prefix}/{direction or avg}/{metric}`` for a W&B summary: the same columns for every run and sweep point."""
+    return {
+        f"{prefix}/{name}/{metric}": value
+        for name, values in [*directions.items(), ("avg", average)]
+        for metric, value in values.items()
+        if metric in SUMMARY_METRICS
+    }
