@@ -273,14 +273,7 @@ def cmd_evaluate(argv: list[str]) -> None:
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path)) if output.output else None
     examples = evaluation.eval_selection.load()
     model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device=_distributed_state().device)
-    result = evaluate_translations(
-        model,
-        tokenizer,
-        examples,
-        batch_size=generation.generation_batch_size,
-        max_new_tokens=generation.max_new_tokens,
-        no_repeat_ngram_size=generation.no_repeat_ngram_size,
-    )
+    result = evaluate_translations(model, tokenizer, examples, **generation.decoding_kwargs)
     result = {
         "model": model_args.model_name_or_path,
         "eval_dataset_name": evaluation.eval_dataset_name,

@@ -312,6 +312,15 @@ class GenerationArguments:
         check_minimum(self, 1, "max_new_tokens", "generation_batch_size")
         check_minimum(self, 0, "no_repeat_ngram_size")
 
+    @property
+    def decoding_kwargs(self) -> dict:
+        """These knobs as :func:`moe_specialist.evaluate.evaluate_translations` takes them."""
+        return {
+            "batch_size": self.generation_batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
+
 
 @dataclass
 class EvalDataArguments:

@@ -237,11 +237,7 @@ def run_sweep_cli(argv: list[str]) -> None:
     recipe = recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
     check_resumable(run_dir / "sweep_config.json", recipe)
     atomic_write_json({**recipe, "sweep": asdict(sweep_args)}, run_dir / "sweep_config.json")
-    generation = {
-        "batch_size": training_args.generation_batch_size,
-        "max_new_tokens": training_args.max_new_tokens,
-        "no_repeat_ngram_size": training_args.no_repeat_ngram_size,
-    }
+    generation = training_args.decoding_kwargs
     wandb_logger = SweepWandb(training_args, recipe, run_dir) if "wandb" in (training_args.report_to or []) else None
 
     def sft(point: Point, point_dir: Path) -> dict:

@@ -297,9 +297,7 @@ class TranslationEvalCallback(TrainerCallback):
         args = context.training_args
         return cls(
             context.eval_examples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.generation_batch_size,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            **args.decoding_kwargs,
             num_samples_table=args.mt_eval_num_samples_table,
             on_start=args.mt_eval_on_start,
         )
