@@ -18,7 +18,6 @@ from transformers import AutoConfig
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
-from moe_specialist.configs import check_calibration_data
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
@@ -66,7 +65,6 @@ class Sweep:
         self.calibration, self.pruning, self.data, self.generation = calibration, pruning, data, generation
         self.sft = sft
         self.wandb = wandb_logger
-        check_calibration_data(calibration, data.eval_selection)
         self.device = PartialState().device
         self.base, self.tokenizer = load_from_arguments(model_args, trust_remote_code, device=self.device)
         self.saved_dtype = saved_dtype(model_name)
