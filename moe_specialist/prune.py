@@ -10,6 +10,9 @@ A uniform plan (same count in every MoE layer) gives a standard checkpoint that 
 ``AutoModelForCausalLM.from_pretrained`` reloads. A non-uniform plan records the per-layer counts under the config
 key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with exactly those counts (plain
 ``from_pretrained`` refuses such a checkpoint with a size-mismatch error rather than re-initialising anything).
+
+Both paths write ``config.json`` in the source checkpoint's own field names and values, changed only where pruning
+changed the model (:mod:`moe_specialist.checkpoint_config`), so stacks that read the source's names read it too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from moe_specialist.architectures import (
     find_moe,
     text_config,
 )
+from moe_specialist.checkpoint_config import CONFIG_FILE, rewrite_in_source_form, source_config_file
 from moe_specialist.compat import causal_lm_class_for
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import (
@@ -251,13 +255,15 @@ def save_pruned_model(
     state_dict: dict | None = None,
     protected: Iterable[str | Path] = (),
 ) -> Path:
-    """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too).
+    """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too), with the
+    config in the field names of the checkpoint the model was loaded from, when its ``config.json`` is at hand.
 
     ``state_dict`` replaces the model's own tensors (e.g. the gathered weights of a DeepSpeed ZeRO-3 model).
     ``protected`` are paths the output may not be, contain or lie inside (the checkpoint the model was loaded from).
     """
     with staging_dir(output_dir, overwrite, protected) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
+        rewrite_in_source_form(tmp, source_config_file(getattr(model, "name_or_path", None)))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -390,6 +396,7 @@ def prune_checkpoint(
         new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
         update_config(config, after, new_top_k)
         config.save_pretrained(tmp)
+        rewrite_in_source_form(tmp, model_dir / CONFIG_FILE)
         card = pruned_model_card(
             source_name or str(model_dir),
             plan,
