@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from moe_specialist.errors import ConfigurationError
+from moe_specialist.per_layer_modeling import COUNT_FIELDS, PER_LAYER_COUNT_KEY
 
-# Config fields holding the number of routed experts / experts per token, across the MoE families of transformers.
-COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+# Config fields holding the number of experts per token (the count fields: COUNT_FIELDS), across the MoE families.
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token", "experts_per_token")
 GROUP_FIELDS = ("n_group", "num_expert_group")
 TOPK_GROUP_FIELDS = ("topk_group", "topk_groups")
@@ -29,8 +29,6 @@ COUNT_ATTRIBUTES = COUNT_FIELDS + ("out_features",)
 TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok", "moe_k")
 # Per-expert tensors that live on the router or on the block rather than in the experts module.
 PER_EXPERT_TENSOR_NAMES = ("bias", "e_score_correction_bias", "expert_bias", "per_expert_scale")
-# Our config key for a model whose MoE layers kept different numbers of experts.
-PER_LAYER_COUNT_KEY = "moe_experts_per_layer"
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
 

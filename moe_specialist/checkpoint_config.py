@@ -8,6 +8,9 @@ counts, a lowered top-k, per-layer counts, the dtype if the weights changed it..
 source uses; every other field keeps its name and value. What changed is decided by transformers itself: both files
 are read by the same config class and their normalised forms compared, and the result must read back exactly as the
 config transformers wrote (otherwise that one is kept, with a warning).
+
+A checkpoint whose MoE layers keep different expert counts also carries ``modeling_moe_specialist.py`` (see
+:mod:`moe_specialist.per_layer_modeling`) and an ``auto_map`` naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from moe_specialist.io import atomic_write_json
+from moe_specialist.io import atomic_write_json, atomic_write_text
+from moe_specialist.per_layer_modeling import MODELING_FILE, PER_LAYER_COUNT_KEY, checkpoint_modeling_source
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +94,29 @@ def in_source_form(source: dict, written: dict) -> dict:
     return merged
 
 
-def rewrite_in_source_form(directory: Path, source_file: Path | None) -> None:
-    """Replace the ``config.json`` transformers just wrote in ``directory`` by its source form (if a source exists)."""
-    if source_file is None or not source_file.is_file():
-        return
+def with_remote_code(config: dict, directory: Path) -> dict:
+    """``config`` naming only code that ``directory`` holds, plus, for per-layer expert counts, this package's
+    modeling file (written there) for ``AutoModelForCausalLM``: such a checkpoint then loads with
+    ``trust_remote_code=True`` where moe-specialist is not installed. Uniform checkpoints name none of ours."""
+    auto_map = {
+        auto_class: reference
+        for auto_class, reference in (config.get("auto_map") or {}).items()
+        if (directory / f"{reference.split('--')[-1].rsplit('.', 1)[0]}.py").is_file()
+    }
+    text = config.get("text_config") or config
+    if text.get(PER_LAYER_COUNT_KEY):
+        class_name = config["architectures"][0]
+        atomic_write_text(checkpoint_modeling_source(class_name), directory / MODELING_FILE)
+        auto_map["AutoModelForCausalLM"] = f"{Path(MODELING_FILE).stem}.{class_name}"
+    config = {key: value for key, value in config.items() if key != "auto_map"}
+    return {**config, "auto_map": auto_map} if auto_map else config
+
+
+def finish_config(directory: Path, source_file: Path | None) -> None:
+    """Rewrite the ``config.json`` transformers just wrote in ``directory``: in the form of ``source_file`` (the
+    source checkpoint's config, when there is one) and naming the code the checkpoint needs."""
     path = directory / CONFIG_FILE
-    written = json.loads(path.read_text(encoding="utf-8"))
-    atomic_write_json(in_source_form(json.loads(source_file.read_text(encoding="utf-8")), written), path)
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if source_file is not None and source_file.is_file():
+        config = in_source_form(json.loads(source_file.read_text(encoding="utf-8")), config)
+    atomic_write_json(with_remote_code(config, directory), path)

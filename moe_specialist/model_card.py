@@ -70,12 +70,16 @@ def pruned_model_card(source: str, plan: PrunePlan, before: dict, after: dict, r
         ]
     else:
         lines += [
-            "MoE layers keep different numbers of experts (config key `moe_experts_per_layer`); plain "
-            "`from_pretrained` refuses it with a size-mismatch error. Load it with moe-specialist:",
+            "MoE layers keep different numbers of experts (config key `moe_experts_per_layer`). transformers loads "
+            "it with the modeling file that comes with it (`modeling_moe_specialist.py`, which imports only torch and "
+            "transformers):",
             "",
             "```python",
-            "from moe_specialist.prune import load_pruned_model",
-            'model = load_pruned_model("path/to/this/model")',
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/model", trust_remote_code=True)',
             "```",
+            "",
+            "or, without remote code, with moe-specialist: `moe_specialist.prune.load_pruned_model(path)`. Serving "
+            "engines that need one expert count per model take `moe-specialist export --for serving`'s output.",
         ]
     return "\n".join(lines) + "\n"

@@ -8,8 +8,9 @@ Two paths give identical tensors:
 
 A uniform plan (same count in every MoE layer) gives a standard checkpoint that plain
 ``AutoModelForCausalLM.from_pretrained`` reloads. A non-uniform plan records the per-layer counts under the config
-key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with exactly those counts (plain
-``from_pretrained`` refuses such a checkpoint with a size-mismatch error rather than re-initialising anything).
+key ``moe_experts_per_layer``; :func:`load_pruned_model` builds the model with exactly those counts, and so does
+``from_pretrained(path, trust_remote_code=True)`` through the checkpoint's own ``modeling_moe_specialist.py``
+(without remote code, ``from_pretrained`` refuses it with a size-mismatch error rather than re-initialising anything).
 
 Both paths write ``config.json`` in the source checkpoint's own field names and values, changed only where pruning
 changed the model (:mod:`moe_specialist.checkpoint_config`), so stacks that read the source's names read it too.
@@ -44,7 +45,7 @@ from moe_specialist.architectures import (
     find_moe,
     text_config,
 )
-from moe_specialist.checkpoint_config import CONFIG_FILE, rewrite_in_source_form, source_config_file
+from moe_specialist.checkpoint_config import CONFIG_FILE, finish_config, source_config_file
 from moe_specialist.compat import causal_lm_class_for
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import (
@@ -56,6 +57,7 @@ from moe_specialist.io import (
     staging_dir,
 )
 from moe_specialist.model_card import pruned_model_card, summarize_moe
+from moe_specialist.per_layer_modeling import with_per_layer_experts
 from moe_specialist.plan import PLAN_FILE, PrunePlan
 
 logger = logging.getLogger(__name__)
@@ -191,39 +193,12 @@ def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) 
 
 
 # ---- loading a non-uniform checkpoint -------------------------------------------------------------------------------
-def _per_layer_class(base: type) -> type:
-    """A subclass of ``base`` that builds each MoE layer with its own expert count (from the config).
-
-    transformers' own loader (key conversions included) then fills it, so original-format and fused checkpoints
-    both load, and a size mismatch is still an error rather than a random re-initialisation.
-    """
-
-    class PerLayerExperts(base):
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(config, *args, **kwargs)
-            per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None) or {}
-            moe = find_moe(self)
-            prune_model(self, _shape_plan(moe, {int(layer): n for layer, n in per_layer.items()}), moe)
-
-    PerLayerExperts.__name__ = PerLayerExperts.__qualname__ = base.__name__
-    return PerLayerExperts
-
-
-def _shape_plan(moe: MoEModel, counts: dict[int, int]) -> PrunePlan:
-    """A plan that only sets shapes (weights are loaded afterwards), balanced over routing groups."""
-    kept = {}
-    for layer, n in counts.items():
-        size = moe.layer(layer).num_experts // moe.n_group
-        kept[layer] = [g * size + i for g in range(moe.n_group) for i in range(n // moe.n_group)]
-    return PrunePlan(kept)
-
-
 def structure_from_config(config) -> MoEModel:
     """The MoE structure a config describes (per-layer counts included), without allocating weights."""
     per_layer = getattr(text_config(config), PER_LAYER_COUNT_KEY, None)
     base = causal_lm_class(config)
     with torch.device("meta"):
-        model = (_per_layer_class(base) if per_layer else base)(config)
+        model = (with_per_layer_experts(base) if per_layer else base)(config)
     return find_moe(model)
 
 
@@ -243,7 +218,7 @@ def load_pruned_model(path: str | Path, **kwargs) -> nn.Module:
     if not getattr(text_config(config), PER_LAYER_COUNT_KEY, None):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     base = causal_lm_class(config)
-    return _per_layer_class(base).from_pretrained(path, config=config, **kwargs)
+    return with_per_layer_experts(base).from_pretrained(path, config=config, **kwargs)
 
 
 def save_pruned_model(
@@ -263,7 +238,7 @@ def save_pruned_model(
     """
     with staging_dir(output_dir, overwrite, protected) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
-        rewrite_in_source_form(tmp, source_config_file(getattr(model, "name_or_path", None)))
+        finish_config(tmp, source_config_file(getattr(model, "name_or_path", None)))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -396,7 +371,7 @@ def prune_checkpoint(
         new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
         update_config(config, after, new_top_k)
         config.save_pretrained(tmp)
-        rewrite_in_source_form(tmp, model_dir / CONFIG_FILE)
+        finish_config(tmp, model_dir / CONFIG_FILE)
         card = pruned_model_card(
             source_name or str(model_dir),
             plan,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_specialist.architectures import PER_LAYER_COUNT_KEY, find_moe
 from moe_specialist.checkpoint_config import in_source_form
+from moe_specialist.per_layer_modeling import MODELING_FILE
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
 
@@ -139,8 +143,10 @@ def test_pruned_config_is_the_source_config_with_new_counts(arch, kind, mode, tm
     changed = {count_field: max(counts.values())}
     if lowered:
         changed["num_experts_per_tok"] = 1
-    if kind == "non_uniform":
+    if kind == "non_uniform":  # the per-layer counts, and the code that loads them with plain transformers
         changed[PER_LAYER_COUNT_KEY] = counts
+        changed["auto_map"] = {"AutoModelForCausalLM": f"modeling_moe_specialist.{source['architectures'][0]}"}
+    assert (out / MODELING_FILE).is_file() == (kind == "non_uniform")
     assert {key: config[key] for key in changed} == changed
     assert {key: value for key, value in config.items() if key not in changed} == {
         key: value for key, value in source.items() if key not in changed
@@ -172,3 +178,64 @@ def test_a_model_built_in_memory_keeps_transformers_form(tmp_path):
     save_pruned_model(model, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "num_local_experts" in config and "dtype" in config
+
+
+# Loads each checkpoint given with plain transformers and remote code, in a process where moe_specialist cannot be
+# imported, and saves its logits and tensor shapes.
+WITHOUT_THIS_PACKAGE = """
+import importlib.abc
+import sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "moe_specialist":
+            raise ImportError(f"{name} is not installed in this process")
+
+sys.meta_path.insert(0, Absent())
+try:
+    import moe_specialist  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("moe_specialist is importable")
+
+import torch
+from transformers import AutoModelForCausalLM
+
+results = {}
+for path in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 17, 42, 8, 63]])).logits
+    results[path] = {"logits": logits, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_non_uniform_checkpoints_load_with_remote_code_without_this_package(tmp_path):
+    from tests.tiny_models import tiny_model
+
+    checkpoints = {}
+    for arch in ("qwen3_moe", "gpt_oss", "deepseek_v3"):
+        model = tiny_model(arch)
+        kept = {1: [0, 1, 4, 5], 2: [0, 1, 2, 4, 5, 6], 3: [2, 3, 6, 7]}  # balanced over deepseek's 2 groups
+        prune_model(model, PrunePlan({**kept, **({0: [0, 1, 4, 5, 6, 7]} if arch != "deepseek_v3" else {})}))
+        save_pruned_model(model, tmp_path / arch)
+        checkpoints[str(tmp_path / arch)] = load_pruned_model(tmp_path / arch)
+        assert json.loads((tmp_path / arch / "config.json").read_text())["auto_map"] == {
+            "AutoModelForCausalLM": f"modeling_moe_specialist.{type(model).__name__}"
+        }
+        assert (tmp_path / arch / MODELING_FILE).is_file()
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THIS_PACKAGE, str(tmp_path / "out.pt"), *checkpoints],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "out.pt")
+    for path, model in checkpoints.items():
+        assert results[path]["shapes"] == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert (results[path]["logits"] - logits(model)).abs().max().item() <= 1e-6
