@@ -29,6 +29,9 @@ COUNT_ATTRIBUTES = COUNT_FIELDS + ("out_features",)
 TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok", "moe_k")
 # Per-expert tensors that live on the router or on the block rather than in the experts module.
 PER_EXPERT_TENSOR_NAMES = ("bias", "e_score_correction_bias", "expert_bias", "per_expert_scale")
+# Those among them that are added to the experts' scores before the top-k selection (a router's own bias, the
+# score-correction biases): the only handle that can keep an expert from ever being selected.
+SELECTION_BIAS_NAMES = ("bias", "e_score_correction_bias", "expert_bias")
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|decoder_layers)\.(\d+)(?:\.|$)")
 
@@ -80,6 +83,11 @@ class MoELayer:
     @property
     def expert_parameters(self) -> int:
         return sum(t.tensor.numel() for t in self.tensors if t.module is self.experts)
+
+    @property
+    def selection_biases(self) -> list[ExpertTensor]:
+        """The per-expert tensors added to the routing scores before the top-k selection."""
+        return [t for t in self.tensors if t.module is not self.experts and t.name in SELECTION_BIAS_NAMES]
 
 
 @dataclass

@@ -7,6 +7,7 @@
     moe-specialist evaluate  --model DIR|demo --eval_dataset_name bible --eval_directions en-fr,de-en \
                              --eval_split test --output scores.json
     moe-specialist sweep     --config RECIPE --ratios 0,0.25,0.5 [--criteria frequency,reap] [--sft_at 0.75]
+    moe-specialist export    --for serving --model PRUNED_DIR --output DIR
 
 The commands parse the recipe's dataclasses (moe_specialist.configs), so every knob has the name and the default it
 has in a recipe (``--model`` is short for ``--model_name_or_path``); list-valued knobs take ``a,b`` or ``a b``.
@@ -80,6 +81,17 @@ class PruneModeArguments:
         metadata={
             "help": "disk: rewrite safetensors shard by shard (no model in memory); memory: load, prune, save; "
             "auto: disk for local checkpoints."
+        },
+    )
+
+
+@dataclass
+class ExportArguments:
+    target: str = field(
+        default="",
+        metadata={
+            "aliases": ["--for"],
+            "help": "serving: pad a non-uniform pruned checkpoint to one expert count per layer (vLLM, SGLang).",
         },
     )
 
@@ -287,6 +299,26 @@ def cmd_evaluate(argv: list[str]) -> None:
     print(summary_line(result))
 
 
+def cmd_export(argv: list[str]) -> None:
+    from moe_specialist.export import REPORT_FILE, export_for_serving
+    from moe_specialist.models import resolve_model_path
+
+    model_args, _, export, output = _parse("export", (ExportArguments, OutputArguments), argv)
+    if export.target != "serving":
+        raise ConfigurationError(
+            f"--for must be serving (one expert count per layer, for vLLM and SGLang), not {export.target!r}."
+        )
+    source = resolve_model_path(model_args.model_name_or_path)
+    if not Path(source).is_dir():
+        raise ConfigurationError(
+            f"export reads a pruned checkpoint directory; {source} is not one (download it first, e.g. `hf download "
+            f"{source} --local-dir DIR`)."
+        )
+    path = output.checked(protected=(source,))
+    cost = export_for_serving(source, path, overwrite=output.overwrite, dtype=model_args.dtype)
+    print(f"wrote {path}: {cost.summary()}; report in {path / REPORT_FILE}")
+
+
 def cmd_sweep(argv: list[str]) -> None:
     from moe_specialist.sweep import run_sweep_cli
 
@@ -300,6 +332,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,
+    "export": cmd_export,
 }
 
 

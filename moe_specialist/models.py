@@ -71,6 +71,31 @@ def resolve_dtype(name_or_path: str, dtype: str | torch.dtype | None):
     return getattr(torch, dtype)
 
 
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **model_kwargs,
+):
+    """The model (any per-layer expert counts) in eval mode; ``model_kwargs`` (e.g. ``attn_implementation``) go to
+    ``from_pretrained``. MXFP4 checkpoints (GPT-OSS) are dequantized: pruning slices the expert tensors (and the
+    serving export pads them), which must be plain tensors.
+    """
+    config = load_config(name_or_path, revision, trust_remote_code)
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    if str(method).lower().endswith("mxfp4"):
+        model_kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
+    return load_pruned_model(
+        resolve_model_path(name_or_path),
+        dtype=resolve_dtype(name_or_path, dtype),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        **model_kwargs,
+    ).eval()
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     dtype: str | torch.dtype | None = "auto",
@@ -79,26 +104,17 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
     **model_kwargs,
 ):
-    """Model (any per-layer expert counts) and tokenizer with a pad token, ready for left-padded generation.
-
-    ``device`` moves the model there (e.g. ``PartialState().device``); ``model_kwargs`` (e.g.
-    ``attn_implementation``) go to ``from_pretrained``. MXFP4 checkpoints (GPT-OSS) are dequantized: pruning slices
-    the expert tensors, which must be plain tensors.
-    """
-    path = resolve_model_path(name_or_path)
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    config = load_config(name_or_path, revision, trust_remote_code)
-    quantization = getattr(config, "quantization_config", None) or {}
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-    if str(method).lower().endswith("mxfp4"):
-        model_kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
-    model = load_pruned_model(path, dtype=resolve_dtype(name_or_path, dtype), **kwargs, **model_kwargs)
+    """:func:`load_model` and its tokenizer with a pad token, ready for left-padded generation; ``device`` moves the
+    model there (e.g. ``PartialState().device``)."""
+    model = load_model(name_or_path, dtype, revision, trust_remote_code, **model_kwargs)
     if device is not None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None):

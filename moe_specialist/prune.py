@@ -22,7 +22,7 @@ import fnmatch
 import logging
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from moe_specialist.architectures import (
     PER_LAYER_COUNT_KEY,
     TOP_K_ATTRIBUTES,
     TOP_K_FIELDS,
+    ExpertTensor,
     MoELayer,
     MoEModel,
     UnsupportedArchitectureError,
@@ -137,14 +138,27 @@ def layer_modules(layer: MoELayer) -> list[nn.Module]:
 
 
 @torch.no_grad()
+def remap_layer(
+    layer: MoELayer, slots: list[int | None], fill: Callable[[ExpertTensor], float] = lambda t: 0.0
+) -> None:
+    """Rebuild one layer's experts as ``slots``: slot ``i`` holds the layer's expert ``slots[i]``, or for ``None`` a
+    new expert whose every per-expert value is ``fill(tensor)``. Every per-expert tensor and cached count follows."""
+    taken = [i for i, source in enumerate(slots) if source is not None]
+    sources = [source for source in slots if source is not None]
+    for t in layer.tensors:
+        old = t.tensor
+        shape = [len(slots) if d == t.dim else size for d, size in enumerate(old.shape)]
+        new = torch.full(shape, fill(t), dtype=old.dtype, device=old.device)
+        index = torch.tensor(taken, dtype=torch.long, device=old.device)
+        new.index_copy_(t.dim, index, old.index_select(t.dim, torch.tensor(sources, device=old.device)))
+        _replace_tensor(t.module, t.name, new)
+    _set_counts(layer_modules(layer), layer.num_experts, len(slots), COUNT_ATTRIBUTES)
+    layer.num_experts = len(slots)
+
+
 def slice_layer(layer: MoELayer, ids: list[int]) -> None:
     """Keep only experts ``ids`` of one layer: every per-expert tensor and the counts its modules cache."""
-    keep = torch.tensor(ids, dtype=torch.long)
-    for t in layer.tensors:
-        sliced = t.tensor.index_select(t.dim, keep.to(t.tensor.device)).clone()
-        _replace_tensor(t.module, t.name, sliced)
-    _set_counts(layer_modules(layer), layer.num_experts, len(ids), COUNT_ATTRIBUTES)
-    layer.num_experts = len(ids)
+    remap_layer(layer, list(ids))
 
 
 def router_aux_loss_applies(experts_per_layer: dict[int, int]) -> bool:
@@ -229,18 +243,23 @@ def save_pruned_model(
     extra_files: dict[str, str] | None = None,
     state_dict: dict | None = None,
     protected: Iterable[str | Path] = (),
+    companions_from: str | Path | None = None,
 ) -> Path:
     """Save atomically, in the checkpoint's original key format (what :func:`prune_checkpoint` writes too), with the
     config in the field names of the checkpoint the model was loaded from, when its ``config.json`` is at hand.
 
     ``state_dict`` replaces the model's own tensors (e.g. the gathered weights of a DeepSpeed ZeRO-3 model).
     ``protected`` are paths the output may not be, contain or lie inside (the checkpoint the model was loaded from).
+    ``companions_from`` is a checkpoint directory whose tokenizer and generation files are copied (instead of
+    ``tokenizer``).
     """
     with staging_dir(output_dir, overwrite, protected) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         finish_config(tmp, source_config_file(getattr(model, "name_or_path", None)))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if companions_from is not None:
+            copy_companion_files(Path(companions_from), tmp)
         for name, text in (extra_files or {}).items():
             atomic_write_text(text, tmp / name)
     return Path(output_dir)
@@ -279,6 +298,13 @@ COMPANION_FILES = (
     "preprocessor_config.json",
 )
 SNAPSHOT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES)
+
+
+def copy_companion_files(model_dir: Path, staging: Path) -> None:
+    """Copy the files that travel with the weights (:data:`COMPANION_FILES`) from ``model_dir`` into ``staging``."""
+    for item in model_dir.iterdir():
+        if item.is_file() and any(fnmatch.fnmatch(item.name, pattern) for pattern in COMPANION_FILES):
+            shutil.copy2(*_input_and_output(model_dir, staging, item.name, f"file in {model_dir}"))
 
 
 def _shard_files(path: Path) -> list[str]:
@@ -379,9 +405,7 @@ def prune_checkpoint(
             summarize_moe(structure_from_config(config)),
             meta_moe.routing,
         )
-        for item in model_dir.iterdir():
-            if item.is_file() and any(fnmatch.fnmatch(item.name, pattern) for pattern in COMPANION_FILES):
-                shutil.copy2(*_input_and_output(model_dir, tmp, item.name, f"file in {model_dir}"))
+        copy_companion_files(model_dir, tmp)
         plan.save(tmp / PLAN_FILE)
         atomic_write_text(card, tmp / "README.md")
     return {"experts_before": counts, "experts_after": after, "total_size": total_size}
