@@ -120,15 +120,23 @@ class MoEModel:
         raise KeyError(f"Decoder layer {index} is not an MoE layer; MoE layers are {self.layer_indices}.")
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, parameters in routed experts, and parameters active per token (top-k experts)."""
+        """Total parameters, parameters in routed experts, and parameters active per token.
+
+        Active per token: top-k of each layer's routed experts and every other parameter but the input embedding
+        table, of which a token uses one row (the LM head, a full product, counts; tied to the embedding it counts
+        once). This is how the published active counts are made, e.g. GPT-OSS-20B's 3.61B.
+        """
         total = sum(p.numel() for p in self.model.parameters())
         routed = sum(layer.expert_parameters for layer in self.layers)
         active_routed = sum(layer.expert_parameters * self.top_k / layer.num_experts for layer in self.layers)
+        embedding = self.model.get_input_embeddings().weight
+        head = self.model.get_output_embeddings()
+        lookup_only = 0 if head is not None and head.weight is embedding else embedding.numel()
         return {
             "total": total,
             "routed_experts": routed,
             "other": total - routed,
-            "active": int(total - routed + active_routed),
+            "active": int(total - routed + active_routed - lookup_only),
         }
 
 

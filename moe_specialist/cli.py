@@ -234,9 +234,9 @@ def local_checkpoint(name: str, revision: str | None) -> str | None:
 
 def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
-    from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
+    from moe_specialist.models import download_checkpoint, load_from_arguments, local_model_dirs, resolve_model_path
     from moe_specialist.plan import PLAN_FILE, PrunePlan
-    from moe_specialist.prune import SNAPSHOT_PATTERNS, prune_checkpoint, prune_model, save_pruned_model
+    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model
 
     model_args, remote, pruning, inputs, output = _parse(
         "prune", (PruningArguments, PruneModeArguments, OutputArguments), argv
@@ -252,9 +252,7 @@ def cmd_prune(argv: list[str]) -> None:
     mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
     if mode == "disk":
         if not local:
-            from huggingface_hub import snapshot_download
-
-            source = snapshot_download(source, revision=model_args.model_revision, allow_patterns=SNAPSHOT_PATTERNS)
+            source = download_checkpoint(source, model_args.model_revision)
         prune_checkpoint(source, plan, path, overwrite=output.overwrite, source_name=model_args.model_name_or_path)
     else:
         from moe_specialist.architectures import find_moe

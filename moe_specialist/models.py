@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, Mxfp4Config
 
 from moe_specialist.errors import ConfigurationError, MissingInputError
-from moe_specialist.prune import load_pruned_model
+from moe_specialist.prune import SNAPSHOT_IGNORE, SNAPSHOT_PATTERNS, load_pruned_model
 
 DEMO = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
@@ -55,6 +55,16 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
             f"{offline}. Check the path or the Hub id, the revision, your login (`hf auth login`) for gated models, "
             f"and the network. ({str(error).splitlines()[0]})"
         ) from None
+
+
+def download_checkpoint(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot of a Hub checkpoint with only what pruning reads and copies: top-level safetensors, config,
+    tokenizer and generation files (never the other formats some repositories add in sub-folders)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        repo_id, revision=revision, allow_patterns=list(SNAPSHOT_PATTERNS), ignore_patterns=list(SNAPSHOT_IGNORE)
+    )
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

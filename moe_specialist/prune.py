@@ -298,6 +298,9 @@ COMPANION_FILES = (
     "preprocessor_config.json",
 )
 SNAPSHOT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", *COMPANION_FILES)
+# Hub patterns match whole paths and ``*`` crosses ``/``: without this, ``*.safetensors`` also fetches the copies in
+# sub-folders, e.g. GPT-OSS's ``original/`` (13 GB for gpt-oss-20b, a second format the model never reads).
+SNAPSHOT_IGNORE = ("*/*",)
 
 
 def copy_companion_files(model_dir: Path, staging: Path) -> None:

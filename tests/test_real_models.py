@@ -1,0 +1,177 @@
+"""The real checkpoints, from their published files (no download): what is fetched, and the parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+from transformers import AutoConfig
+
+from moe_specialist.models import download_checkpoint
+from moe_specialist.prune import structure_from_config
+
+# config.json of openai/gpt-oss-20b and Qwen/Qwen3-30B-A3B on the Hub.
+GPT_OSS_20B = dict(
+    architectures=["GptOssForCausalLM"],
+    attention_bias=True,
+    attention_dropout=0.0,
+    eos_token_id=200002,
+    experts_per_token=4,
+    head_dim=64,
+    hidden_act="silu",
+    hidden_size=2880,
+    initial_context_length=4096,
+    initializer_range=0.02,
+    intermediate_size=2880,
+    layer_types=["sliding_attention", "full_attention"] * 12,
+    max_position_embeddings=131072,
+    model_type="gpt_oss",
+    num_attention_heads=64,
+    num_experts_per_tok=4,
+    num_hidden_layers=24,
+    num_key_value_heads=8,
+    num_local_experts=32,
+    output_router_logits=False,
+    pad_token_id=199999,
+    quantization_config={
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+        "quant_method": "mxfp4",
+    },
+    rms_norm_eps=1e-05,
+    rope_scaling={
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    rope_theta=150000,
+    router_aux_loss_coef=0.9,
+    sliding_window=128,
+    swiglu_limit=7.0,
+    tie_word_embeddings=False,
+    transformers_version="4.55.0.dev0",
+    use_cache=True,
+    vocab_size=201088,
+)
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"],
+    attention_bias=False,
+    attention_dropout=0.0,
+    bos_token_id=151643,
+    decoder_sparse_step=1,
+    eos_token_id=151645,
+    head_dim=128,
+    hidden_act="silu",
+    hidden_size=2048,
+    initializer_range=0.02,
+    intermediate_size=6144,
+    max_position_embeddings=40960,
+    max_window_layers=48,
+    mlp_only_layers=[],
+    model_type="qwen3_moe",
+    moe_intermediate_size=768,
+    norm_topk_prob=True,
+    num_attention_heads=32,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_hidden_layers=48,
+    num_key_value_heads=4,
+    output_router_logits=False,
+    rms_norm_eps=1e-06,
+    rope_scaling=None,
+    rope_theta=1000000.0,
+    router_aux_loss_coef=0.001,
+    sliding_window=None,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+    transformers_version="4.51.0",
+    use_cache=True,
+    use_sliding_window=False,
+    vocab_size=151936,
+)
+
+
+def test_active_parameters_leave_out_the_input_embedding_as_published():
+    """OpenAI's gpt-oss model card: gpt-oss-20b has 20.91B parameters, 3.61B active per token, counting the
+    unembedding but not the embedding. Qwen's Qwen3-30B-A3B card: 30.5B parameters, 29.9B without the embedding and
+    LM head, 3.3B activated: 3.35B counts the input embedding (151936 x 2048 = 311.2M), 3.04B leaves it out."""
+    gpt_oss = structure_from_config(AutoConfig.for_model(**GPT_OSS_20B)).parameter_counts()
+    assert round(gpt_oss["total"] / 1e9, 2) == 20.91
+    assert round(gpt_oss["active"] / 1e9, 2) == 3.61  # 4.19B when the embedding table was counted
+    qwen = structure_from_config(AutoConfig.for_model(**QWEN3_30B_A3B)).parameter_counts()
+    embedding = 151936 * 2048
+    assert round(qwen["total"] / 1e9, 1) == 30.5
+    assert round((qwen["total"] - 2 * embedding) / 1e9, 1) == 29.9
+    assert 3.3e9 <= qwen["active"] + embedding < 3.4e9  # 3.35B, published as 3.3B
+    assert round(qwen["active"] / 1e9, 2) == 3.04
+
+
+def test_a_tied_embedding_counts_once_as_the_lm_head():
+    from tests.tiny_models import tiny_model
+
+    untied = tiny_model("qwen3_moe")
+    tied = tiny_model("qwen3_moe", tie_word_embeddings=True)
+    table = untied.get_input_embeddings().weight.numel()
+    counts = {name: structure_from_config(m.config).parameter_counts() for name, m in (("u", untied), ("t", tied))}
+    assert counts["u"]["total"] - counts["t"]["total"] == table  # one matrix fewer
+    assert counts["u"]["active"] == counts["t"]["active"]  # the head is active either way; the lookup never
+
+
+# The files of the Hub repositories (`hf_api.list_repo_files`), as published.
+REPO_FILES = {
+    "openai/gpt-oss-20b": [
+        ".gitattributes",
+        "LICENSE",
+        "README.md",
+        "USAGE_POLICY",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "metal/model.bin",
+        "model-00000-of-00002.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "original/config.json",
+        "original/dtypes.json",
+        "original/model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ],
+    "Qwen/Qwen3-30B-A3B": [
+        ".gitattributes",
+        "LICENSE",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        *[f"model-{i:05d}-of-00016.safetensors" for i in range(1, 17)],
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ],
+}
+UNUSED = {".gitattributes", "LICENSE", "README.md", "USAGE_POLICY"}
+
+
+@pytest.mark.parametrize("repo", sorted(REPO_FILES))
+def test_hub_checkpoints_download_only_the_files_pruning_reads(repo, monkeypatch):
+    import huggingface_hub
+
+    def listing(repo_id, revision=None, allow_patterns=None, ignore_patterns=None):
+        return list(
+            filter_repo_objects(REPO_FILES[repo_id], allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", listing)
+    fetched = set(download_checkpoint(repo))
+    assert fetched == {name for name in REPO_FILES[repo] if "/" not in name} - UNUSED
+    assert not any(name.startswith(("original/", "metal/")) for name in fetched)  # 13 GB for gpt-oss-20b
