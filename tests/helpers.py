@@ -7,8 +7,9 @@ import os
 
 import torch
 
+from moe_specialist.architectures import find_moe
 from moe_specialist.plan import Budget
-from moe_specialist.stats import RoutingStats
+from moe_specialist.stats import RoutingCollector, RoutingStats
 
 
 def stats_with(
@@ -35,6 +36,16 @@ def allowed(budget: Budget) -> list[tuple[int, ...]]:
     """Brute force: every choice of per-layer counts that meets the budget."""
     ranges = [budget.counts(position) for position in range(len(budget.num_experts))]
     return [counts for counts in itertools.product(*ranges) if sum(counts) == budget.keep_total]
+
+
+def routed_counts(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """How many of ``ids``' tokens each expert of each MoE layer (decoder layer -> [expert]) is selected for."""
+    moe = find_moe(model)
+    with torch.no_grad(), RoutingCollector(moe, ["x"]) as collector:
+        collector.label(torch.zeros_like(ids), torch.zeros_like(ids))
+        model(ids)
+    count = collector.stats.count[0, 0]
+    return {layer: count[i, : moe.layers[i].num_experts] for i, layer in enumerate(moe.layer_indices)}
 
 
 def umask() -> int:

@@ -22,8 +22,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.io import INDEX_FILE, read_weight_map
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
-from moe_specialist.stats import RoutingCollector
-from tests.helpers import umask
+from tests.helpers import routed_counts, umask
 from tests.tiny_models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -34,15 +33,6 @@ SHORT = INPUT[:, :3]  # 3 tokens x top-2 leave at least 2 of 8 experts unrouted 
 def logits(model, ids=INPUT):
     with torch.no_grad():
         return model(ids).logits
-
-
-def routed_counts(model, ids=INPUT) -> dict[int, torch.Tensor]:
-    moe = find_moe(model)
-    with torch.no_grad(), RoutingCollector(moe, ["x"]) as collector:
-        collector.label(torch.zeros_like(ids), torch.zeros_like(ids))
-        model(ids)
-    count = collector.stats.count[0, 0]
-    return {layer: count[i, : moe.layers[i].num_experts] for i, layer in enumerate(moe.layer_indices)}
 
 
 def non_uniform_plan(model) -> PrunePlan:

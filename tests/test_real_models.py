@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoConfig
 
 from moe_specialist.models import download_checkpoint
-from moe_specialist.prune import structure_from_config
+from moe_specialist.plan import PrunePlan
+from moe_specialist.prune import prune_model, structure_from_config
+from tests.helpers import routed_counts
+from tests.tiny_models import tiny_model
 
 # config.json of openai/gpt-oss-20b and Qwen/Qwen3-30B-A3B on the Hub.
 GPT_OSS_20B = dict(
@@ -113,8 +119,6 @@ def test_active_parameters_leave_out_the_input_embedding_as_published():
 
 
 def test_a_tied_embedding_counts_once_as_the_lm_head():
-    from tests.tiny_models import tiny_model
-
     untied = tiny_model("qwen3_moe")
     tied = tiny_model("qwen3_moe", tie_word_embeddings=True)
     table = untied.get_input_embeddings().weight.numel()
@@ -175,3 +179,26 @@ def test_hub_checkpoints_download_only_the_files_pruning_reads(repo, monkeypatch
     fetched = set(download_checkpoint(repo))
     assert fetched == {name for name in REPO_FILES[repo] if "/" not in name} - UNUSED
     assert not any(name.startswith(("original/", "metal/")) for name in fetched)  # 13 GB for gpt-oss-20b
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((Path(__file__).parents[1] / "recipes/olmoe-1b-7b").glob("*/prune_sft.yaml")),
+    ids=lambda p: p.parent.name,
+)
+def test_olmoe_recipes_say_that_pruning_rescales_every_routing_weight(recipe):
+    """allenai/OLMoE-1B-7B-0125-Instruct's config.json has norm_topk_prob: false; what the recipes say about it holds:
+    removing experts that no token selects changes the outputs (the same removal is exact when top-k is
+    renormalised)."""
+    text = " ".join(recipe.read_text().split())
+    assert "Routing is NOT exact under pruning here" in text and "norm_topk_prob: false" in text
+    for renormalised in (True, False):
+        model = tiny_model("olmoe", norm_topk_prob=renormalised)
+        ids = torch.tensor([[5, 17, 42]])
+        with torch.no_grad():
+            before = model(ids).logits
+        used = routed_counts(model, ids)
+        prune_model(model, PrunePlan({layer: [e for e in range(8) if used[layer][e] > 0] for layer in used}))
+        with torch.no_grad():
+            change = (model(ids).logits - before).abs().max().item()
+        assert (change <= 1e-5) if renormalised else (change > 1e-4)
