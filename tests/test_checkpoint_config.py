@@ -239,3 +239,38 @@ def test_non_uniform_checkpoints_load_with_remote_code_without_this_package(tmp_
     for path, model in checkpoints.items():
         assert results[path]["shapes"] == {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert (results[path]["logits"] - logits(model)).abs().max().item() <= 1e-6
+
+
+def test_a_model_loaded_by_hub_id_finds_its_config_in_the_hub_cache(tmp_path, monkeypatch):
+    """from_pretrained("org/name") leaves the source config.json in the Hub cache: it is read there, never fetched."""
+    import huggingface_hub
+
+    source = source_checkpoint("qwen3_moe", tmp_path / "original")
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(source))
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "original")
+    model.name_or_path = "org/tiny"  # as from_pretrained("org/tiny") leaves it
+    prune_model(model, PrunePlan(PLANS["uniform"]))
+    save_pruned_model(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == {**source, "num_experts": 5}
+
+
+def test_rebuilt_layers_share_the_model_settings(tmp_path):
+    """Each non-uniform layer is built from its own config copy; its modules must then read the model's config, or
+    switching the attention or experts implementation would miss them."""
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("gpt_oss")
+    prune_model(model, PrunePlan(PLANS["non_uniform"]))
+    save_pruned_model(model, tmp_path / "out")
+    reloaded = load_pruned_model(tmp_path / "out")
+    configs = {id(m.config) for m in reloaded.modules() if isinstance(getattr(m, "config", None), type(model.config))}
+    assert configs == {id(reloaded.config)}
+    reloaded.set_experts_implementation("eager")
+    reloaded.set_attn_implementation("eager")
+    assert all(m.config._experts_implementation == "eager" for m in reloaded.modules() if hasattr(m, "config"))
