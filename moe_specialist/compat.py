@@ -72,3 +72,19 @@ def causal_lm_class_for(config) -> type | None:
 def experts_implementation(model) -> str:
     """The experts implementation ``model`` runs (``set_experts_implementation`` has no public getter)."""
     return model.config._experts_implementation
+
+
+def load_balancing_loss(config, router_logits, attention_mask):
+    """transformers' router load-balancing loss (Mixtral's function, which every MoE family reuses), as the model's
+    own forward adds it; computed here for the compact LM head of :mod:`moe_specialist.training.recovery`."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    experts = router_logits[0].shape[-1]  # one count per model: the aux loss is off for uneven plans
+    top_k = config.get_text_config().num_experts_per_tok
+    return load_balancing_loss_func(router_logits, experts, top_k, attention_mask)
+
+
+def trainer_metrics(trainer, mode: str) -> dict[str, list[float]]:
+    """The lists ``SFTTrainer.log`` averages into each log entry of ``mode`` ("train" or "eval") and then clears;
+    TRL has no public way to add a metric."""
+    return trainer._metrics[mode]

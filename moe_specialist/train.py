@@ -35,6 +35,7 @@ from accelerate import PartialState  # noqa: E402
 
 from moe_specialist.entry import run_entry_point  # noqa: E402
 from moe_specialist.training.pipeline import parse_recipe, run  # noqa: E402
+from moe_specialist.training.progressive import run_progressive  # noqa: E402
 
 logger = logging.getLogger("moe_specialist")
 
@@ -65,7 +66,8 @@ def main(model_args, data_args, calibration_args, pruning_args, training_args) -
     # Calibrate, prune, fine-tune, evaluate, save (one process
     # per rank; see moe_specialist/training/pipeline.py)
     ###########################################################
-    results = run(model_args, data_args, calibration_args, pruning_args, training_args)
+    stages = run_progressive if training_args.progressive_ratios else run
+    results = stages(model_args, data_args, calibration_args, pruning_args, training_args)
 
     ##########
     # Summary

@@ -9,8 +9,10 @@ import torch
 from moe_specialist.compat import (
     causal_lm_class_for,
     experts_implementation,
+    load_balancing_loss,
     log_as_evaluation,
     original_key_names,
+    trainer_metrics,
     zero3_init_disabled,
 )
 from tests.tiny_models import tiny_model
@@ -85,3 +87,30 @@ def test_experts_implementation_reads_what_set_experts_implementation_set():
     assert experts_implementation(model) == "eager"
     model.set_experts_implementation("grouped_mm")
     assert experts_implementation(model) == "grouped_mm"
+
+
+def test_trainer_metrics_are_averaged_into_the_next_log(tiny_translator, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from moe_specialist.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_translator))
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    dataset = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    trainer = SFTTrainer(model=model.train(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer_metrics(trainer, "train")["kd"].extend([1.0, 2.0])
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1]["kd"] == pytest.approx(1.5), "SFTTrainer no longer logs its _metrics"
+    assert not trainer_metrics(trainer, "train")["kd"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_load_balancing_loss_is_the_models_own_aux_loss(model_type):
+    model = tiny_model(model_type, router_aux_loss_coef=0.01).eval()
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    attention = torch.ones_like(input_ids)
+    attention[0, 6:] = 0
+    out = model(input_ids=input_ids, attention_mask=attention, output_router_logits=True)
+    assert out.aux_loss is not None
+    torch.testing.assert_close(load_balancing_loss(model.config, out.router_logits, attention), out.aux_loss)

@@ -219,6 +219,7 @@ def run_sweep_cli(argv: list[str]) -> None:
     from moe_specialist.training.configs import RECIPE_TYPES
     from moe_specialist.training.outputs import recipe_config
     from moe_specialist.training.pipeline import run
+    from moe_specialist.training.progressive import run_progressive
     from moe_specialist.training.setup import check_recipe_data
 
     model_args, data_args, calibration_args, pruning_args, training_args, sweep_args = ArgumentParser(
@@ -250,6 +251,16 @@ def run_sweep_cli(argv: list[str]) -> None:
             wandb_run_group=wandb_logger.group if wandb_logger else training_args.wandb_run_group,
             wandb_job_type="sweep_point",
         )
+        if training_args.progressive_ratios:  # every stage plans on its own model, at the point's ratio
+            criterion, allocation = point.criterion.split("@")
+            point_pruning = replace(
+                pruning_args,
+                pruning_ratio=point.target_ratio,
+                pruning_criterion=criterion,
+                pruning_allocation=allocation,
+                pruning_seed=point.seed,
+            )
+            return run_progressive(model_args, data_args, calibration_args, point_pruning, point_args)
         point_pruning = replace(pruning_args, prune_plan=str(point_dir / PLAN_FILE))
         return run(model_args, data_args, calibration_args, point_pruning, point_args, stats=sweep.stats)
 

@@ -41,6 +41,7 @@ from moe_specialist.configs import (
     normalize_lists,
 )
 from moe_specialist.errors import ConfigurationError
+from moe_specialist.training.recovery import RECOVERY_MODES, uses_teacher
 
 DEFAULT_CALLBACKS = ["expert_pruning", "translation_eval"]
 
@@ -150,6 +151,41 @@ class SFTConfig(trl.SFTConfig, GenerationArguments):
     )
     freeze_router: bool = field(default=False, metadata={"help": "Keep the routers fixed (train everything else)."})
 
+    # Recovery: what the pruned student learns from (moe_specialist.training.recovery, training/teacher.py)
+    recovery: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (cross-entropy on the references) | kd (distillation from the unpruned model) | kd+ce "
+            "(kd_alpha x KD + (1 - kd_alpha) x CE) | router_kd (routers only, KD on every token of the pairs)."
+        },
+    )
+    kd_alpha: float = field(default=0.5, metadata={"help": "kd+ce: the weight of the KD term, in [0, 1]."})
+    kd_beta: float = field(
+        default=0.0,
+        metadata={"help": "Generalized JSD interpolation (GKD): 0 = forward KL(teacher||student), 0.5 = JSD, 1 = "
+                  "reverse KL. Precomputed teacher logits support 0 only."},
+    )  # fmt: skip
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions (> 0)."})
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The teacher (same tokenizer). Default: the model being pruned, copied before pruning."},
+    )
+    teacher_logits: str | None = field(
+        default=None,
+        metadata={
+            "help": "A directory of precomputed top-k teacher logits for the SFT data: computed there once when "
+            "missing (the teacher is held only for that pass), reused by later runs. Default: a live teacher."
+        },
+    )
+    teacher_top_k: int = field(default=32, metadata={"help": "Teacher logits kept per position (precomputed)."})
+    progressive_ratios: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Prune in stages: these shares of the experts first (increasing, below pruning_ratio), "
+            "recovering between stages; max_steps is split evenly (moe_specialist.training.progressive)."
+        },
+    )
+
     def __post_init__(self):
         own = inspect.get_annotations(SFTConfig)
         normalize_lists(self, own)
@@ -183,11 +219,43 @@ class SFTConfig(trl.SFTConfig, GenerationArguments):
         check_callback_names(self.callbacks)
         if self.train_router_only and self.freeze_router:
             raise ConfigurationError("train_router_only and freeze_router contradict each other: choose one.")
+        self.check_recovery()
         check_minimum(self, 0, "mt_eval_num_samples_table")
         if self.max_steps < -1:
             raise ConfigurationError(
                 f"max_steps must be -1 (use num_train_epochs), 0 (prune only) or positive, got {self.max_steps}."
             )
+
+    def check_recovery(self) -> None:
+        """The recovery knobs agree with each other; ``router_kd`` trains the routers on every token."""
+        if self.recovery not in RECOVERY_MODES:
+            raise ConfigurationError(f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}.")
+        for name in ("kd_alpha", "kd_beta"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigurationError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.kd_temperature <= 0:
+            raise ConfigurationError(f"kd_temperature must be positive, got {self.kd_temperature}.")
+        check_minimum(self, 1, "teacher_top_k")
+        if self.teacher_logits and self.kd_beta != 0:
+            raise ConfigurationError(
+                f"kd_beta {self.kd_beta} needs the teacher's whole distribution; precomputed teacher_logits hold its "
+                "top-k only (forward KL): set kd_beta: 0, or drop teacher_logits for a live teacher."
+            )
+        if self.recovery == "router_kd":
+            if self.freeze_router:
+                raise ConfigurationError("recovery router_kd trains the routers: drop freeze_router.")
+            if self.completion_only_loss:
+                raise ConfigurationError(
+                    "recovery router_kd distils on every token of the pairs: drop completion_only_loss."
+                )
+            self.train_router_only = True
+            self.completion_only_loss = False
+        if uses_teacher(self.recovery) and self.packing:
+            raise ConfigurationError(f"recovery {self.recovery} does not support packing: set packing: false.")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return uses_teacher(self.recovery)
 
     @property
     def prune_only(self) -> bool:

@@ -22,6 +22,7 @@ of them; rank 0 alone writes files and talks to W&B):
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.models import load_from_arguments
+from moe_specialist.models import load_from_arguments, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
 from moe_specialist.prune import load_pruned_model, router_aux_loss_applies
 from moe_specialist.sensitivity import layer_cost_meter
@@ -60,7 +61,9 @@ from moe_specialist.training.outputs import (
     trainable_summary,
     write_results,
 )
+from moe_specialist.training.recovery import RecoveryTrainer, add_compact_lm_head
 from moe_specialist.training.setup import prepare_run, zero_stage
+from moe_specialist.training.teacher import teacher_logits_ready
 from moe_specialist.training.wandb_logging import finish_wandb, init_wandb_training
 
 logger = logging.getLogger(__name__)
@@ -233,14 +236,33 @@ def plan_pruning(
     return plan
 
 
-def build_trainer(model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts: bool):
-    """``SFTTrainer`` with the recipe's callbacks; ``expert_pruning`` prunes in ``on_init_end``.
+def load_teacher(model, model_args, training_args):
+    """What a distillation recovery's teacher starts from, before pruning: None (plain SFT, or precomputed logits
+    that exist), the ``teacher_model_name_or_path`` model, or a copy of the model about to be pruned."""
+    if not training_args.uses_teacher or teacher_logits_ready(training_args):
+        return None
+    if training_args.teacher_model_name_or_path:
+        with zero3_init_disabled():
+            source = resolve_model_path(training_args.teacher_model_name_or_path)
+            teacher, _ = load_from_arguments(model_args, training_args.trust_remote_code, source=source)
+        return teacher
+    return copy.deepcopy(model)
+
+
+def teacher_name(model_args, training_args) -> str:
+    """Which model teaches, as precomputed logits record it."""
+    return resolve_model_path(training_args.teacher_model_name_or_path or model_args.model_name_or_path)
+
+
+def build_trainer(model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts: bool, teacher=None):
+    """``RecoveryTrainer`` (``SFTTrainer`` with the recipe's recovery loss) with the recipe's callbacks;
+    ``expert_pruning`` prunes in ``on_init_end``.
 
     With LoRA the model is pruned first, because ``SFTTrainer.__init__`` wraps it in PEFT before ``on_init_end``.
     Layers left with different expert counts (``uneven_counts``) switch the router aux loss off before TRL reads
-    ``router_aux_loss_coef``.
+    ``router_aux_loss_coef``. ``teacher`` is :func:`load_teacher`'s.
     """
-    from trl import SFTTrainer, get_peft_config
+    from trl import get_peft_config
 
     pruning = find_callback(callbacks, PruningCallback)
     if uneven_counts:
@@ -252,7 +274,8 @@ def build_trainer(model, tokenizer, model_args, training_args, datasets, callbac
     if pruning is not None and model_args.use_peft:
         pruning.prune(model, when="before PEFT wrapping")
     train_dataset, eval_dataset = datasets
-    trainer = SFTTrainer(
+    add_compact_lm_head(model)
+    trainer = RecoveryTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -260,6 +283,8 @@ def build_trainer(model, tokenizer, model_args, training_args, datasets, callbac
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
+        teacher_snapshot=teacher,
+        teacher_name=teacher_name(model_args, training_args),
     )
     for callback in callbacks:
         if hasattr(callback, "bind"):
@@ -315,6 +340,7 @@ def run(
         with timer("load_model"):
             model, tokenizer = load_model(model_args, training_args)
         router_settings = prepare_model(model, training_args)
+        teacher = load_teacher(model, model_args, training_args)
         with timer("load_data"):
             train_examples, eval_examples = load_data(data_args, training_args, needs_eval_examples(training_args))
             datasets = sft_datasets(tokenizer, train_examples, eval_examples, training_args)
@@ -331,7 +357,10 @@ def run(
         moe = find_moe(model)  # before PEFT wraps the experts
         uneven_counts = plan is not None and not router_aux_loss_applies(plan.experts_after(moe))
         with timer("build_trainer"):
-            trainer = build_trainer(model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts)
+            trainer = build_trainer(
+                model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts, teacher
+            )
+        del teacher  # a live teacher now lives in the trainer; a snapshot used for precomputed logits is freed
         if training_args.freeze_router:
             check_routers_frozen(trainer.model, moe)
         pruning = outcome_of(callbacks, PruningCallback)
