@@ -52,7 +52,7 @@ def single_process_scores(tiny_translator, tmp_path_factory):
     return run(*args)["scores"]["end"]
 
 
-def launch(config: str, model_dir: Path, output_dir: Path) -> tuple[subprocess.CompletedProcess, float]:
+def launch(config: str, model_dir: Path, output_dir: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "accelerate_configs" / "cpu" / f"{config}.yaml"),
@@ -64,6 +64,7 @@ def launch(config: str, model_dir: Path, output_dir: Path) -> tuple[subprocess.C
         "--report_to", "wandb",
         "--wandb_run_group", f"test-{config}",
         "--wandb_tags", "test", config,
+        *flags,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -141,3 +142,21 @@ def test_two_process_prune_sft(config, tiny_translator, single_process_scores, t
         assert table["columns"] == ["step", "direction", "source", "reference", "hypothesis", "chrf"]
         assert len(table["data"]) == 2  # mt_eval_num_samples_table rows per direction
     assert sorted(table["data"][0][0] for table in tables) == [0, 2]  # the steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_two_process_distillation(config, tiny_translator, tmp_path):
+    """KD+CE from the unpruned model under 2 processes: the live teacher (a DeepSpeed inference engine under ZeRO-3)
+    runs on each rank's batch; both ranks end with the same trained tensors; the KD term is logged."""
+    output_dir = tmp_path / config
+    done, seconds = launch(config, tiny_translator, output_dir, "--recovery", "kd+ce", "--report_to", "none")
+    assert done.returncode == 0, f"{config} failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    records = [json.loads((output_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert records[0]["trained"]["sha256"] == records[1]["trained"]["sha256"] != records[0]["pruned"]["sha256"]
+    assert records[0]["trained"]["zero3_partitioned"] is (config == "zero3")
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "kd" in e]
+    assert [e["step"] for e in logged] == [1, 2] and all(e["kd"] > 0 and e["ce"] > 0 for e in logged)
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["training"]["global_step"] == 2
