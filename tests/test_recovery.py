@@ -203,3 +203,23 @@ def test_recovery_recipe_errors_are_one_paragraph(flags, message, tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("moe-specialist train: error: ") and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_lora_distils_from_the_model_copied_before_pruning(tiny_translator, tmp_path):
+    """LoRA prunes before the trainer exists, so the teacher is a copy taken earlier; its adapters start at zero, so
+    the first KD equals a full fine-tune's (the same pruned student, the same teacher), live or precomputed."""
+    from moe_specialist.training.pipeline import load_teacher
+
+    lora = ("--use_peft", "true", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj")
+    flags = ("--max_steps", "1", "--recovery", "kd")
+    run(*recipe(tiny_translator, tmp_path / "full", *flags))
+    run(*recipe(tiny_translator, tmp_path / "lora", *flags, *lora))
+    table = ("--teacher_logits", str(tmp_path / "t"), "--teacher_top_k", "4096")  # the whole vocabulary
+    run(*recipe(tiny_translator, tmp_path / "pre", *flags, *lora, *table))
+    kd = first_log(tmp_path / "full")["kd"]
+    assert first_log(tmp_path / "lora")["kd"] == pytest.approx(kd, rel=1e-5)
+    assert first_log(tmp_path / "pre")["kd"] == pytest.approx(kd, rel=2e-3)  # float16 logits
+
+    model_args, *_, training_args = recipe(tiny_translator, tmp_path / "x", "--recovery", "kd", "--teacher_logits",
+                                           str(tmp_path / "new"))  # fmt: skip
+    assert load_teacher(torch.nn.Linear(1, 1), model_args, training_args) is None  # computed by the model itself

@@ -237,8 +237,10 @@ def plan_pruning(
 
 
 def load_teacher(model, model_args, training_args):
-    """What a distillation recovery's teacher starts from, before pruning: None (plain SFT, or precomputed logits
-    that exist), the ``teacher_model_name_or_path`` model, or a copy of the model about to be pruned."""
+    """The teacher model a distillation recovery needs besides the student, loaded before pruning: None for plain
+    SFT, for precomputed logits that exist, and for logits still to compute (the model computes them itself just
+    before it is pruned); else ``teacher_model_name_or_path``, or a copy of the model about to be pruned (a live
+    teacher, or LoRA, whose model is pruned before the trainer exists)."""
     if not training_args.uses_teacher or teacher_logits_ready(training_args):
         return None
     if training_args.teacher_model_name_or_path:
@@ -246,6 +248,8 @@ def load_teacher(model, model_args, training_args):
             source = resolve_model_path(training_args.teacher_model_name_or_path)
             teacher, _ = load_from_arguments(model_args, training_args.trust_remote_code, source=source)
         return teacher
+    if training_args.teacher_logits and not model_args.use_peft:
+        return None
     return copy.deepcopy(model)
 
 
@@ -360,7 +364,7 @@ def run(
             trainer = build_trainer(
                 model, tokenizer, model_args, training_args, datasets, callbacks, uneven_counts, teacher
             )
-        del teacher  # a live teacher now lives in the trainer; a snapshot used for precomputed logits is freed
+        del teacher  # a live teacher now lives in the trainer; one used for precomputed logits is freed
         if training_args.freeze_router:
             check_routers_frozen(trainer.model, moe)
         pruning = outcome_of(callbacks, PruningCallback)

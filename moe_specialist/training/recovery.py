@@ -64,8 +64,8 @@ def add_compact_lm_head(model) -> None:
     ([batch, seq - 1], position t predicts token t + 1) selects; without ``positions`` the forward is unchanged.
 
     The head runs inside the model's forward, so DDP and DeepSpeed see one forward as usual; the original forward is
-    looked up on the class, so a copy of the model (the teacher) runs its own weights. Add it before PEFT wraps the
-    model (PEFT passes ``positions`` through).
+    looked up on the class, so a copy of the model (the teacher) runs its own weights, and adding it twice changes
+    nothing. Add it before PEFT wraps the model (PEFT passes ``positions`` through).
     """
     scale = logit_scale(model.config)
 
@@ -122,19 +122,20 @@ def top_k_forward_kl(
 # ---- the trainer ----------------------------------------------------------------------------------------------------
 class RecoveryTrainer(SFTTrainer):
     """``SFTTrainer`` whose loss is the run's recovery mode; everything else (data, callbacks, DeepSpeed, PEFT,
-    checkpoints) is TRL's. A distillation mode builds its teacher once TRL has prepared the data
-    (:func:`~moe_specialist.training.teacher.teacher_for`): ``teacher_snapshot`` is the unpruned model, copied before
-    pruning, or None when the precomputed logits exist; KD is scaled by the temperature squared (Hinton), so that its
-    gradients keep their size across temperatures."""
+    checkpoints) is TRL's. A distillation mode builds its teacher once TRL has prepared the data and before pruning
+    (:class:`~moe_specialist.training.teacher.TeacherSetup`, the first callback): ``teacher_snapshot`` is the teacher
+    model when the run needs a separate one (see ``pipeline.load_teacher``); KD is scaled by the temperature squared
+    (Hinton), so that its gradients keep their size across temperatures."""
 
-    def __init__(self, *args, teacher_snapshot=None, teacher_name: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, teacher_snapshot=None, teacher_name: str | None = None, callbacks=None, **kwargs):
+        from moe_specialist.training.teacher import TeacherSetup
+
+        setup = TeacherSetup(teacher_snapshot, teacher_name)
+        setup.trainer = self  # its on_init_end reads the prepared data
+        super().__init__(*args, callbacks=[setup, *(callbacks or [])], **kwargs)
         self.ce_weight, self.kd_weight = loss_weights(self.args.recovery, self.args.kd_alpha)
-        self.teacher = None
-        if self.kd_weight:
-            from moe_specialist.training.teacher import teacher_for
-
-            self.teacher = teacher_for(self, teacher_snapshot, teacher_name)
+        self.teacher = setup.teacher
+        if self.teacher is not None:
             self.teacher.prepare(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

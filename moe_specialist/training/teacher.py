@@ -4,10 +4,10 @@
   runs on every batch next to the student: exact full-vocabulary KD or generalized JSD, at the memory of a second
   model (under ZeRO-3 it is partitioned like the student) and about one more forward per step.
 - **Precomputed** (:class:`PrecomputedTeacher`, ``teacher_logits: DIR``): the teacher's ``teacher_top_k`` most likely
-  next tokens and their logits at every position of every SFT sequence, computed once before training (the teacher
-  is held only for that pass, each rank computing its share) and stored in ``DIR`` keyed by the sequence's token ids,
-  so that reruns, other ratios and sweep points reuse it without a teacher in memory. KD is then the forward KL over
-  the teacher's top-k (:func:`~moe_specialist.training.recovery.top_k_forward_kl`).
+  next tokens and their logits at every position of every SFT sequence, computed once before training by the model
+  itself just before it is pruned (:class:`TeacherSetup`; each rank computes its share) and stored in ``DIR`` keyed
+  by the sequence's token ids, so that reruns, other ratios and sweep points reuse it; no second model is held. KD
+  is then the forward KL over the teacher's top-k (:func:`~moe_specialist.training.recovery.top_k_forward_kl`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
@@ -186,31 +187,50 @@ def teacher_logits_ready(args) -> bool:
     return bool(args.teacher_logits) and (Path(args.teacher_logits) / TEACHER_META_FILE).is_file()
 
 
-def teacher_for(trainer, snapshot: torch.nn.Module | None, teacher_name: str):
-    """The run's teacher once the trainer prepared its data: live (the snapshot), or precomputed (computed with the
-    snapshot first when ``teacher_logits`` has no table yet; the snapshot is then dropped)."""
-    args = trainer.args
-    if not args.teacher_logits:
-        return LiveTeacher(snapshot)
-    directory = Path(args.teacher_logits)
-    if not teacher_logits_ready(args):
-        if snapshot is None:
-            raise MissingInputError(f"teacher_logits {directory} is not computed yet and no teacher is loaded.")
+class TeacherSetup(TrainerCallback):
+    """Builds the run's teacher in ``on_init_end``, as the first of the run's callbacks: TRL has prepared the data and
+    the model is not pruned yet (``expert_pruning`` comes after), so precomputed logits are computed with the model
+    itself, on the device it is on, without a copy. ``snapshot`` is the teacher model when the run needs one (a live
+    teacher, ``teacher_model_name_or_path``, or LoRA, whose model is pruned before the trainer exists)."""
+
+    def __init__(self, snapshot: torch.nn.Module | None, teacher_name: str):
+        self.snapshot, self.teacher_name = snapshot, teacher_name
+        self.teacher: LiveTeacher | PrecomputedTeacher | None = None
+        self.trainer = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if not args.uses_teacher:
+            return
+        if not args.teacher_logits:
+            self.teacher = LiveTeacher(self.snapshot)
+        else:
+            if not teacher_logits_ready(args):
+                self.compute(args, self.snapshot if self.snapshot is not None else model)
+            self.teacher = PrecomputedTeacher(args.teacher_logits, args.teacher_top_k)
+            recorded = self.teacher.meta["teacher"]
+            if recorded != self.teacher_name:
+                raise ConfigurationError(
+                    f"teacher_logits {args.teacher_logits} was computed with the teacher {recorded}, this run's "
+                    f"teacher is {self.teacher_name}: point teacher_logits elsewhere (or delete it to recompute)."
+                )
+        self.snapshot = None
+
+    def compute(self, args, model) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            raise ConfigurationError("Teacher logits cannot be computed with a model already pruned and wrapped.")
+        trainer = self.trainer
         datasets = [d for d in (trainer.train_dataset, trainer.eval_dataset) if d is not None]
-        logger.info(
-            "Computing the teacher's top-%d logits into %s (once; later runs reuse them).",
-            args.teacher_top_k,
-            directory,
-        )
-        model = frozen(snapshot).to(args.device)
-        compute_teacher_logits(
-            model, datasets, directory, args.teacher_top_k, args.per_device_train_batch_size,
-            trainer.processing_class.pad_token_id, teacher_name,
-        )  # fmt: skip
-    teacher = PrecomputedTeacher(directory, args.teacher_top_k)
-    if teacher.meta["teacher"] != teacher_name:
-        raise ConfigurationError(
-            f"teacher_logits {directory} was computed with the teacher {teacher.meta['teacher']}, this run's teacher "
-            f"is {teacher_name}: point teacher_logits elsewhere (or delete it to recompute)."
-        )
-    return teacher
+        logger.info("Computing the teacher's top-%d logits into %s (once; later runs reuse them).",
+                    args.teacher_top_k, args.teacher_logits)  # fmt: skip
+        add_compact_lm_head(model)  # a no-op for the student, which has it already
+        was_training = model.training
+        model.eval()
+        try:
+            compute_teacher_logits(
+                model, datasets, args.teacher_logits, args.teacher_top_k, args.per_device_train_batch_size,
+                trainer.processing_class.pad_token_id, self.teacher_name,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
