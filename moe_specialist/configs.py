@@ -31,6 +31,7 @@ DEFAULT_DIRECTIONS = ("en-fr",)
 
 CRITERION_NAMES = ("frequency", "gate_mass", "reap", "output_mass", "language_aware", "random")
 ALLOCATION_NAMES = ("uniform", "global", "coverage", "sensitivity")
+SELECTION_NAMES = ("ranked", "greedy")
 
 
 def split_list(value: str | list | None) -> list | None:
@@ -255,6 +256,21 @@ class PruningArguments:
         default="uniform",
         metadata={"help": "uniform | global | coverage | sensitivity (measured per-layer loss; needs the model)"},
     )
+    pruning_selection: str = field(
+        default="ranked",
+        metadata={
+            "help": "ranked (each layer keeps its best-scored experts) | greedy (each layer's kept set chosen by "
+            "greedy elimination on the MoE block's output error on calibration tokens, the criterion breaking ties; "
+            "needs the model)"
+        },
+    )
+    selection_candidates: int | None = field(
+        default=None,
+        metadata={
+            "help": "greedy: try removing only the criterion's N lowest-scored experts left at each step (per routing "
+            "group), to bound the cost (default: every expert left)."
+        },
+    )
     pruning_groups: list[str] | None = field(
         default=None,
         metadata={"help": "Statistics groups to score with (default: every calibrated direction, not monolingual)."},
@@ -275,7 +291,8 @@ class PruningArguments:
         default=None, metadata={"help": "A plan JSON to replay instead of planning (`moe-specialist plan`)."}
     )
     sensitivity_examples: int = field(
-        default=64, metadata={"help": "Calibration sequences the sensitivity allocation measures each layer on."}
+        default=64,
+        metadata={"help": "Calibration sequences the sensitivity allocation and the greedy selection measure on."},
     )
 
     def __post_init__(self):
@@ -290,10 +307,14 @@ class PruningArguments:
             raise ConfigurationError(
                 f"Unknown pruning_allocation {self.pruning_allocation!r}; choose one of {sorted(ALLOCATION_NAMES)}."
             )
+        if self.pruning_selection not in SELECTION_NAMES:
+            raise ConfigurationError(
+                f"Unknown pruning_selection {self.pruning_selection!r}; choose one of {list(SELECTION_NAMES)}."
+            )
         unknown_roles = set(self.pruning_roles or []) - {"source", "target"}
         if unknown_roles:
             raise ConfigurationError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
-        check_minimum(self, 1, "pruning_top_k", "sensitivity_examples")
+        check_minimum(self, 1, "pruning_top_k", "sensitivity_examples", "selection_candidates")
 
 
 @dataclass

@@ -13,6 +13,7 @@ can be met, rather than met approximately.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
-from moe_specialist.configs import PruningArguments, validate_ratio
+from moe_specialist.configs import SELECTION_NAMES, PruningArguments, validate_ratio
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import ROLES, RoutingStats
@@ -161,8 +162,44 @@ class Budget:
         )
 
 
-# Measures ``Budget.layer_costs`` for experts ranked by the given scores (see moe_specialist.sensitivity).
-LayerCosts = Callable[[torch.Tensor, Budget], torch.Tensor]
+@dataclass
+class KeptSets:
+    """Which experts each layer keeps at every count :meth:`Budget.counts` allows, as a *selection* chooses them.
+
+    ``ranked`` (:func:`ranked_sets`) keeps the criterion's best experts; ``greedy`` (:mod:`moe_specialist.selection`)
+    measures sets on the model and records, per layer and count, the block reconstruction error of its set and of the
+    ranked one (``errors``), so that a plan can say what measuring bought.
+    """
+
+    selection: str
+    sets: list[dict[int, list[int]]]  # per MoE layer (position): count -> expert ids
+    errors: list[dict[int, tuple[float, float]]] = field(default_factory=list)  # count -> (this set's, ranked set's)
+
+    def fingerprint(self) -> str:
+        """Identifies the sets, so that measurements made on them are reused (a sweep's ratios share one ranking)."""
+        return hashlib.sha256(json.dumps(self.sets).encode()).hexdigest()
+
+
+def ranked_sets(scores: torch.Tensor, budget: Budget) -> KeptSets:
+    """The criterion's best experts at every count (:func:`select_experts`)."""
+    sets = [
+        {count: select_experts(scores[position, :n], count, budget) for count in budget.counts(position)}
+        for position, n in enumerate(budget.num_experts)
+    ]
+    return KeptSets("ranked", sets)
+
+
+# Measures ``Budget.layer_costs`` for the kept sets of each count (moe_specialist.sensitivity).
+LayerCosts = Callable[[KeptSets, Budget], torch.Tensor]
+# Chooses kept sets on the model: scores (the criterion's, which break ties), budget, candidates per step.
+MeasureKeptSets = Callable[[torch.Tensor, Budget, "int | None"], KeptSets]
+
+GREEDY_NEEDS_THE_MODEL = (
+    "pruning_selection greedy measures each MoE block's output on calibration tokens, so it needs the model: it "
+    "runs in `moe-specialist sweep` and `python -m moe_specialist.train`, not from a statistics file alone "
+    "(`moe-specialist plan`); plan here with --pruning_selection ranked, or choose greedy in a sweep or training "
+    "recipe."
+)
 
 
 def _shares(scores: torch.Tensor) -> torch.Tensor:
@@ -436,15 +473,23 @@ def make_plan(
     seed: int = 0,
     measure_layer_costs: LayerCosts | None = None,
     checkpoint: str | Path | None = None,
+    selection: str = "ranked",
+    selection_candidates: int | None = None,
+    measure_kept_sets: MeasureKeptSets | None = None,
 ) -> PrunePlan:
-    """Keep the best-scored experts under ``criterion``, spread over layers by ``allocation``.
+    """Keep the experts ``selection`` chooses (the best-scored under ``criterion``, or ``greedy`` sets measured on the
+    model), as many per layer as ``allocation`` spreads the budget.
 
     The plan keeps exactly ``round(total * (1 - ratio))`` experts (the ratio in whole experts), or :class:`Budget`
-    refuses the ratio with the nearest ones that can be met. ``measure_layer_costs``
-    (:func:`moe_specialist.sensitivity.layer_cost_meter`) gives the costs the ``sensitivity`` allocation minimises;
-    the other allocations never call it.
+    refuses the ratio with the nearest ones that can be met. ``measure_layer_costs`` and ``measure_kept_sets``
+    (:func:`moe_specialist.sensitivity.layer_cost_meter` and its ``greedy_sets``) measure on the model: the costs the
+    ``sensitivity`` allocation minimises, of the sets the layers will keep, and the ``greedy`` sets.
     """
     validate_ratio(ratio)
+    if selection not in SELECTION_NAMES:
+        raise ConfigurationError(f"Unknown selection {selection!r}; choose one of {list(SELECTION_NAMES)}.")
+    if selection == "greedy" and measure_kept_sets is None:
+        raise ConfigurationError(GREEDY_NEEDS_THE_MODEL)
     if allocation not in ALLOCATIONS:
         raise ConfigurationError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
     stats.validate_for(moe, checkpoint)  # a model on the meta device: routers read from the checkpoint
@@ -461,12 +506,15 @@ def make_plan(
         min_keep = max(min_keep, min_per_group * moe.n_group)
     total = sum(num_experts)
     budget = Budget(num_experts, round(total * (1 - ratio)), min_keep, moe.n_group, min_per_group)
+    if selection == "greedy":
+        sets = measure_kept_sets(scores, budget, selection_candidates)
+    else:
+        sets = ranked_sets(scores, budget)
     if allocation == "sensitivity" and measure_layer_costs is not None:
-        budget.layer_costs = measure_layer_costs(scores, budget)
+        budget.layer_costs = measure_layer_costs(sets, budget)
     counts = ALLOCATIONS[allocation](scores, budget)
-    kept = {}
-    for position, (layer, n, count) in enumerate(zip(stats.layers, num_experts, counts, strict=True)):
-        kept[layer] = select_experts(scores[position, :n], count, budget)
+    layers = enumerate(zip(stats.layers, counts, strict=True))
+    kept = {layer: sets.sets[position][count] for position, (layer, count) in layers}
     plan = PrunePlan(
         kept,
         top_k,
@@ -475,6 +523,8 @@ def make_plan(
             "actual_ratio": round(1 - sum(counts) / total, 6),
             "criterion": criterion,
             "allocation": allocation,
+            "selection": selection,
+            **(_greedy_metadata(sets, stats.layers, counts, selection_candidates) if sets.errors else {}),
             "groups": groups,
             "roles": roles,
             "seed": seed,
@@ -489,6 +539,16 @@ def make_plan(
     )
     plan.validate(moe)
     return plan
+
+
+def _greedy_metadata(sets: KeptSets, layers: list[int], counts: list[int], candidates: int | None) -> dict:
+    """What a measured selection bought: per layer, the block reconstruction error (mean squared error against the
+    unpruned block on the calibration tokens) of the kept experts and of the criterion's best as many."""
+    errors = {}
+    for position, (layer, count) in enumerate(zip(layers, counts, strict=True)):
+        kept, ranked = sets.errors[position][count]
+        errors[str(layer)] = {"kept": float(f"{kept:.6g}"), "ranked": float(f"{ranked:.6g}")}
+    return {"selection_candidates": candidates, "reconstruction_error": errors}
 
 
 def _json_costs(costs: torch.Tensor) -> list[list[float | None]]:
@@ -530,6 +590,7 @@ def plan_for(
     args: PruningArguments,
     measure_layer_costs: LayerCosts | None = None,
     checkpoint: str | Path | None = None,
+    measure_kept_sets: MeasureKeptSets | None = None,
 ) -> PrunePlan:
     """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation
     (``checkpoint``: the directory of a model built on the meta device, whose routers the statistics are checked
@@ -552,6 +613,9 @@ def plan_for(
         seed=args.pruning_seed,
         measure_layer_costs=measure_layer_costs,
         checkpoint=checkpoint,
+        selection=args.pruning_selection,
+        selection_candidates=args.selection_candidates,
+        measure_kept_sets=measure_kept_sets,
     )
     plan.metadata.setdefault("statistics", args.statistics_file)
     return plan

@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,24 @@ def remap_layer(
 def slice_layer(layer: MoELayer, ids: list[int]) -> None:
     """Keep only experts ``ids`` of one layer: every per-expert tensor and the counts its modules cache."""
     remap_layer(layer, list(ids))
+
+
+@contextmanager
+def keeping_only(layer: MoELayer, ids: list[int]):
+    """Prune one layer to ``ids`` for the duration of the block, then put back the very same tensors and counts."""
+    tensors = [(t.module, t.name, t.tensor) for t in layer.tensors]
+    counts = [(m, a, getattr(m, a)) for m in layer_modules(layer) for a in COUNT_ATTRIBUTES if hasattr(m, a)]
+    num_experts = layer.num_experts
+    slice_layer(layer, ids)
+    try:
+        yield
+    finally:
+        for module, name, tensor in tensors:
+            (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+        for module, attribute, value in counts:
+            if getattr(module, attribute) != value:
+                setattr(module, attribute, value)
+        layer.num_experts = num_experts
 
 
 def router_aux_loss_applies(experts_per_layer: dict[int, int]) -> bool:

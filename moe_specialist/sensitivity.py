@@ -4,49 +4,34 @@ Routing statistics rank the experts of a layer; they do not say how much a layer
 the first layer's routing looks like the others' (balanced, shared by every language), yet keeping its best 16 of
 32 experts drops dev chrF++ from 38 to 14, while layers 1-3 each lose under 2 points keeping 8. The ``sensitivity``
 allocation measures this directly: for each layer and a grid of counts, the mean loss on the calibration targets
-with only that layer pruned (by the criterion's ranking), then spends the budget where it costs least.
+with only that layer pruned to the experts it would keep at that count (the criterion's best, or the greedy set of
+:mod:`moe_specialist.selection`), then spends the budget where it costs least.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from moe_specialist.architectures import COUNT_ATTRIBUTES, MoELayer, MoEModel
+from moe_specialist.architectures import MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
 from moe_specialist.configs import CalibrationArguments
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, LayerCosts, select_experts
-from moe_specialist.prune import layer_modules, slice_layer
+from moe_specialist.plan import Budget, KeptSets
+from moe_specialist.prune import keeping_only
+from moe_specialist.selection import from_rank_zero, greedy_sets, rank_and_world
 from moe_specialist.stats import IGNORE, ROLES
 
 logger = logging.getLogger(__name__)
 
 GRID_STEPS = 8  # counts measured per layer: multiples of num_experts / GRID_STEPS, plus the minimum
-
-
-@contextmanager
-def keeping_only(layer: MoELayer, ids: list[int]):
-    """Prune one layer to ``ids`` for the duration of the block, then put back the very same tensors and counts."""
-    tensors = [(t.module, t.name, t.tensor) for t in layer.tensors]
-    counts = [(m, a, getattr(m, a)) for m in layer_modules(layer) for a in COUNT_ATTRIBUTES if hasattr(m, a)]
-    num_experts = layer.num_experts
-    slice_layer(layer, ids)
-    try:
-        yield
-    finally:
-        for module, name, tensor in tensors:
-            (module._parameters if name in module._parameters else module._buffers)[name] = tensor
-        for module, attribute, value in counts:
-            if getattr(module, attribute) != value:
-                setattr(module, attribute, value)
-        layer.num_experts = num_experts
 
 
 @torch.no_grad()
@@ -76,28 +61,25 @@ def grid_counts(allowed: range) -> list[int]:
 
 
 def layer_costs(
-    model, moe: MoEModel, batches: list, scores: torch.Tensor, budget: Budget, progress: bool = True
+    model, moe: MoEModel, batches: list, kept: KeptSets, budget: Budget, progress: bool = True
 ) -> torch.Tensor:
-    """``[layer, count]``: loss increase when only that layer keeps its ``count`` best experts (``scores``).
+    """``[layer, count]``: loss increase when only that layer keeps its ``count`` experts of ``kept``.
 
     Counts between measured ones are interpolated linearly; keeping every expert costs 0; counts below the
     minimum are infinite. Under torch.distributed (a collective: every rank must call it, with the same model and
-    batches) each rank measures every ``world``-th loss with rank 0's ranking and the losses are all-reduced, so the
+    batches) each rank measures every ``world``-th loss with rank 0's kept sets and the losses are all-reduced, so the
     work is split and every rank returns the same table as one process would.
     """
     device = next(model.parameters()).device
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    if world > 1:  # one ranking, so that every rank's share cuts the experts the others' do
-        scores = scores.to(device=device, memory_format=torch.contiguous_format, copy=True)
-        dist.broadcast(scores, src=0)
-        scores = scores.cpu()
+    rank, world = rank_and_world()
+    kept = from_rank_zero(kept, device)  # one set per count, so that every rank's share cuts what the others' do
     cuts: list[tuple[int, int] | None] = [None]  # None: the unpruned model, whose loss every cost is relative to
     cuts += [(p, count) for p in range(len(moe.layers)) for count in grid_counts(budget.counts(p))]
     losses = torch.zeros(len(cuts), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     for job in tqdm(range(rank, len(cuts), world), desc="layer sensitivity", disable=not progress):
-        with _cut(moe, scores, budget, cuts[job]):
+        with _cut(moe, kept, cuts[job]):
             losses[job] = target_loss(model, batches)
     model.train(was_training)
     if world > 1:
@@ -119,36 +101,55 @@ def layer_costs(
     return costs
 
 
-def _cut(moe: MoEModel, scores: torch.Tensor, budget: Budget, cut: tuple[int, int] | None):
-    """The model as ``cut`` (layer position, count) leaves it: that layer alone keeps its best experts; None: as is."""
+def _cut(moe: MoEModel, kept: KeptSets, cut: tuple[int, int] | None):
+    """The model as ``cut`` (layer position, count) leaves it: that layer alone keeps its kept set; None: as is."""
     if cut is None:
         return nullcontext()
     position, count = cut
-    ids = select_experts(scores[position, : budget.num_experts[position]], count, budget)
-    return keeping_only(moe.layers[position], ids)
+    return keeping_only(moe.layers[position], kept.sets[position][count])
+
+
+class ModelMeter:
+    """What ``make_plan`` measures on the model, on ``examples`` calibration sequences read on first use: layer costs
+    (called as :data:`~moe_specialist.plan.LayerCosts`) and greedy kept sets (:meth:`greedy_sets`).
+
+    Each result is kept per ranking and kept sets, so a sweep measures each criterion once for all its ratios. Under
+    torch.distributed every rank must ask for the same measurements in the same order, since each is shared out over
+    the ranks (:func:`layer_costs`, :func:`~moe_specialist.selection.greedy_sets`).
+    """
+
+    def __init__(
+        self, model, moe: MoEModel, tokenizer, calibration: CalibrationArguments, examples: int, progress: bool = True
+    ):
+        self.model, self.moe, self.tokenizer, self.progress = model, moe, tokenizer, progress
+        self.calibration, self.examples = calibration, examples
+        self.measured: dict[tuple, torch.Tensor | KeptSets] = {}
+
+    @functools.cached_property
+    def batches(self) -> list:
+        return calibration_sample(self.tokenizer, self.calibration, self.examples)
+
+    def __call__(self, kept: KeptSets, budget: Budget) -> torch.Tensor:
+        key = ("costs", kept.fingerprint())
+        if key not in self.measured:
+            self.measured[key] = layer_costs(self.model, self.moe, self.batches, kept, budget, self.progress)
+        return self.measured[key]
+
+    def greedy_sets(self, scores: torch.Tensor, budget: Budget, candidates: int | None) -> KeptSets:
+        key = ("greedy", scores.numpy().tobytes(), budget.min_keep, budget.n_group, budget.min_per_group, candidates)
+        if key not in self.measured:
+            self.measured[key] = greedy_sets(
+                self.model, self.moe, self.batches, scores, budget, candidates, self.progress
+            )
+        return self.measured[key]
 
 
 def layer_cost_meter(
     model, moe: MoEModel, tokenizer, calibration: CalibrationArguments, examples: int, progress: bool = True
-) -> LayerCosts:
-    """What ``make_plan`` calls for the ``sensitivity`` allocation: layer costs on ``examples`` calibration sequences.
-
-    The data is read on first use only, and the costs are kept per ranking, so a sweep measures each criterion once
-    for all its ratios. Under torch.distributed every rank must ask for the same rankings in the same order, since
-    each measurement is shared out over the ranks (:func:`layer_costs`).
-    """
-    batches: list = []
-    measured: dict[tuple, torch.Tensor] = {}
-
-    def measure(scores: torch.Tensor, budget: Budget) -> torch.Tensor:
-        key = (scores.numpy().tobytes(), budget.min_keep, budget.n_group, budget.min_per_group)
-        if key not in measured:
-            if not batches:
-                batches.extend(calibration_sample(tokenizer, calibration, examples))
-            measured[key] = layer_costs(model, moe, batches, scores, budget, progress)
-        return measured[key]
-
-    return measure
+) -> ModelMeter:
+    """The :class:`ModelMeter` a run or a sweep passes to planning (``measure_layer_costs``, and its
+    ``greedy_sets`` as ``measure_kept_sets``)."""
+    return ModelMeter(model, moe, tokenizer, calibration, examples, progress)
 
 
 def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: int) -> list:

@@ -11,9 +11,9 @@ from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibrate, calibration_batches, encode_calibration_data
 from moe_specialist.data.bible import bible_examples
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, PrunePlan, allocate_sensitivity, make_plan, score_experts
-from moe_specialist.prune import prune_model
-from moe_specialist.sensitivity import grid_counts, keeping_only, layer_costs, target_loss
+from moe_specialist.plan import Budget, PrunePlan, allocate_sensitivity, make_plan, ranked_sets, score_experts
+from moe_specialist.prune import keeping_only, prune_model
+from moe_specialist.sensitivity import grid_counts, layer_costs, target_loss
 from tests.helpers import allowed, skewed_counts, stats_with
 from tests.tiny_models import tiny_model
 
@@ -93,7 +93,8 @@ def test_layer_costs_are_measured_losses_and_drive_the_plan(tiny_translator, dem
     sequences = encode_calibration_data(demo_tokenizer, examples)
     batches = list(calibration_batches(sequences, 3, demo_tokenizer.pad_token_id))
     scores = score_experts(stats, "frequency")
-    costs = layer_costs(model, moe, batches, scores, Budget([8] * 4, 32, 2), progress=False)
+    budget = Budget([8] * 4, 32, 2)
+    costs = layer_costs(model, moe, batches, ranked_sets(scores, budget), budget, progress=False)
     assert costs.shape == (4, 9)
     assert torch.all(torch.isinf(costs[:, :2])) and torch.all(costs[:, 8] == 0)
     # each measured cost is the loss with that layer alone cut to its best experts, minus the full model's loss
@@ -131,7 +132,7 @@ def test_group_limited_sensitivity_measures_and_keeps_whole_units():
     # as make_plan sets it up: DeepSeek-V3 scores each group by its top-2 experts, so a group keeps at least 2
     budget = Budget(num_experts, sum(num_experts) * 2 // 3, 2 * moe.n_group, moe.n_group, min_per_group=2)
     scores = torch.rand(len(num_experts), max(num_experts), generator=generator, dtype=torch.float64)
-    costs = layer_costs(model, moe, batches, scores, budget, progress=False)
+    costs = layer_costs(model, moe, batches, ranked_sets(scores, budget), budget, progress=False)
     counts = allocate_sensitivity(
         scores, Budget(num_experts, budget.keep_total, moe.top_k, moe.n_group, layer_costs=costs)
     )

@@ -100,6 +100,9 @@ class Sweep:
             top_k=self.pruning.pruning_top_k,
             seed=point.seed,
             measure_layer_costs=self.measure_layer_costs,
+            selection=self.pruning.pruning_selection,
+            selection_candidates=self.pruning.selection_candidates,
+            measure_kept_sets=self.measure_layer_costs.greedy_sets,
         )
         plan.save(self.point_dir(point) / PLAN_FILE)
         if point.sft:  # the same architecture as the point without SFT, which always runs first
