@@ -1,8 +1,8 @@
-"""What ranks must agree on: the layer sensitivity two gloo processes measure, each its share, and the sampled expert
-fingerprints that tell whether ranks hold the same model.
+"""What ranks must agree on: the layer sensitivity and greedy kept sets two gloo processes measure, each its share,
+and the sampled expert fingerprints that tell whether ranks hold the same model.
 
 Run as a script under ``torch.distributed.run`` this file is the worker: each rank measures the tiny model's layer
-costs and writes its table and the cuts it measured to ``<output>/rank-<i>.json``.
+costs and greedy kept sets and writes its table, the cuts it measured and the sets to ``<output>/rank-<i>.json``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.distributed as dist
 from moe_specialist import sensitivity
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
-from moe_specialist.plan import Budget, PrunePlan
+from moe_specialist.plan import Budget, PrunePlan, ranked_sets
 from moe_specialist.prune import prune_model
+from moe_specialist.selection import greedy_sets
 from moe_specialist.training.callbacks import expert_fingerprint, fingerprint_positions
 from tests.tiny_models import tiny_model
 
@@ -31,13 +32,25 @@ ROOT = Path(__file__).parents[1]
 SCORES = torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def measured_costs(scores: torch.Tensor) -> tuple[torch.Tensor, list[list[list[int]]]]:
-    """Layer costs of the tiny Qwen3-MoE on random token batches, and each measured cut: [[layer, experts kept]]."""
+def tiny_setup() -> tuple:
+    """The tiny Qwen3-MoE, its MoE structure and random token batches."""
     model = tiny_model("qwen3_moe")
-    moe = find_moe(model)
     generator = torch.Generator().manual_seed(0)
     sequences = [(0, torch.randint(3, 97, (16,), generator=generator).tolist(), [0] * 6 + [1] * 10) for _ in range(6)]
-    batches = list(calibration_batches(sequences, 3, 0))
+    return model, find_moe(model), list(calibration_batches(sequences, 3, 0))
+
+
+def greedy(scores: torch.Tensor) -> list[dict]:
+    """The greedy kept sets of the tiny model (as JSON has them: counts as strings), from the two lowest-scored
+    candidates at each step, so that the scores matter."""
+    model, moe, batches = tiny_setup()
+    kept = greedy_sets(model, moe, batches, scores, Budget([8] * 4, 16, 2), candidates=2, progress=False)
+    return json.loads(json.dumps(kept.sets))
+
+
+def measured_costs(scores: torch.Tensor) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """Layer costs of the tiny Qwen3-MoE on random token batches, and each measured cut: [[layer, experts kept]]."""
+    model, moe, batches = tiny_setup()
     cuts = []
     target_loss = sensitivity.target_loss
 
@@ -46,7 +59,8 @@ def measured_costs(scores: torch.Tensor) -> tuple[torch.Tensor, list[list[list[i
         return target_loss(model, batches)
 
     with patch.object(sensitivity, "target_loss", counted_loss):
-        costs = sensitivity.layer_costs(model, moe, batches, scores, Budget([8] * 4, 16, 2), progress=False)
+        budget = Budget([8] * 4, 16, 2)
+        costs = sensitivity.layer_costs(model, moe, batches, ranked_sets(scores, budget), budget, progress=False)
     return costs, cuts
 
 
@@ -54,13 +68,15 @@ def worker(output: Path) -> None:
     """One rank: another ranking than rank 0's on the other ranks, which must measure with rank 0's anyway."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    costs, cuts = measured_costs(SCORES if rank == 0 else SCORES.flip(1))
-    (output / f"rank-{rank}.json").write_text(json.dumps({"costs": costs.tolist(), "cuts": cuts}))
+    scores = SCORES if rank == 0 else SCORES.flip(1)
+    costs, cuts = measured_costs(scores)
+    record = {"costs": costs.tolist(), "cuts": cuts, "greedy": greedy(scores)}
+    (output / f"rank-{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_share_the_sensitivity_measurements(tmp_path):
+def test_two_ranks_share_the_sensitivity_and_greedy_measurements(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
     env = {
         **os.environ,
@@ -82,6 +98,8 @@ def test_two_ranks_share_the_sensitivity_measurements(tmp_path):
     # each cut measured once, by one rank: the uncut model (no cut layer) by rank 0, the rest shared out evenly
     assert sorted(ranks[0]["cuts"] + ranks[1]["cuts"]) == sorted(reference_cuts)
     assert [len(record["cuts"]) for record in ranks] == [13, 12] and [] in ranks[0]["cuts"]
+    # greedy sets: each rank selects half the layers, with rank 0's scores, and every rank gets them all
+    assert ranks[0]["greedy"] == ranks[1]["greedy"] == greedy(SCORES) != greedy(SCORES.flip(1))
 
 
 # ---- fingerprints ---------------------------------------------------------------------------------------------------
