@@ -171,7 +171,6 @@ class KeptSets:
     ranked one (``errors``), so that a plan can say what measuring bought.
     """
 
-    selection: str
     sets: list[dict[int, list[int]]]  # per MoE layer (position): count -> expert ids
     errors: list[dict[int, tuple[float, float]]] = field(default_factory=list)  # count -> (this set's, ranked set's)
 
@@ -186,7 +185,7 @@ def ranked_sets(scores: torch.Tensor, budget: Budget) -> KeptSets:
         {count: select_experts(scores[position, :n], count, budget) for count in budget.counts(position)}
         for position, n in enumerate(budget.num_experts)
     ]
-    return KeptSets("ranked", sets)
+    return KeptSets(sets)
 
 
 # Measures ``Budget.layer_costs`` for the kept sets of each count (moe_specialist.sensitivity).
@@ -524,7 +523,7 @@ def make_plan(
             "criterion": criterion,
             "allocation": allocation,
             "selection": selection,
-            **(_greedy_metadata(sets, stats.layers, counts, selection_candidates) if sets.errors else {}),
+            **(_selection_metadata(sets, stats.layers, counts, selection_candidates) if sets.errors else {}),
             "groups": groups,
             "roles": roles,
             "seed": seed,
@@ -541,7 +540,7 @@ def make_plan(
     return plan
 
 
-def _greedy_metadata(sets: KeptSets, layers: list[int], counts: list[int], candidates: int | None) -> dict:
+def _selection_metadata(sets: KeptSets, layers: list[int], counts: list[int], candidates: int | None) -> dict:
     """What a measured selection bought: per layer, the block reconstruction error (mean squared error against the
     unpruned block on the calibration tokens) of the kept experts and of the criterion's best as many."""
     errors = {}
