@@ -123,6 +123,7 @@ class Budget:
     n_group: int = 1
     min_per_group: int = 1
     layer_costs: torch.Tensor | None = None  # [layer, count]: loss increase when the layer alone keeps ``count``
+    top_k: int | None = None  # a lowered top-k the pruned layers will route with (measurements route with it too)
 
     def __post_init__(self) -> None:
         if self.keep_total not in self.totals():
@@ -504,7 +505,7 @@ def make_plan(
         min_per_group = max(2, math.ceil(min_keep / topk_group))
         min_keep = max(min_keep, min_per_group * moe.n_group)
     total = sum(num_experts)
-    budget = Budget(num_experts, round(total * (1 - ratio)), min_keep, moe.n_group, min_per_group)
+    budget = Budget(num_experts, round(total * (1 - ratio)), min_keep, moe.n_group, min_per_group, top_k=top_k)
     if selection == "greedy":
         sets = measure_kept_sets(scores, budget, selection_candidates)
     else:

@@ -163,12 +163,17 @@ def slice_layer(layer: MoELayer, ids: list[int]) -> None:
 
 
 @contextmanager
-def keeping_only(layer: MoELayer, ids: list[int]):
-    """Prune one layer to ``ids`` for the duration of the block, then put back the very same tensors and counts."""
+def keeping_only(layer: MoELayer, ids: list[int], top_k: int | None = None):
+    """Prune one layer to ``ids`` (routing ``top_k`` experts per token when given: a lowered top-k, as
+    :func:`prune_model` sets it) for the duration of the block, then put back the very same tensors and counts."""
     tensors = [(t.module, t.name, t.tensor) for t in layer.tensors]
-    counts = [(m, a, getattr(m, a)) for m in layer_modules(layer) for a in COUNT_ATTRIBUTES if hasattr(m, a)]
+    attributes = COUNT_ATTRIBUTES + TOP_K_ATTRIBUTES
+    counts = [(m, a, getattr(m, a)) for m in layer_modules(layer) for a in attributes if hasattr(m, a)]
     num_experts = layer.num_experts
     slice_layer(layer, ids)
+    for module, attribute, value in counts:
+        if top_k is not None and attribute in TOP_K_ATTRIBUTES:
+            _set_counts([module], value, top_k, (attribute,))
     try:
         yield
     finally:

@@ -17,9 +17,6 @@ sequences, 8 candidates per step) greedy sets cut the block error by 66-98% agai
 held-out target loss at 50%, 62.5% and 75% pruned (at 75%: 3.36 -> 4.41 with the sensitivity allocation): a few
 tokens with massive activations (a fixed prompt position in layer 2, 2,000x the median squared norm) dominate the
 mean squared error, and greedy spends the budget on them. Measure before choosing it.
-
-With a lowered top-k (``pruning_top_k``) the blocks are evaluated with the model's own top-k, as the sensitivity
-allocation's losses are.
 """
 
 from __future__ import annotations
@@ -89,12 +86,15 @@ def block_outputs(layer: MoELayer, inputs: torch.Tensor):
 
 
 @torch.no_grad()
-def reconstruction_error(layer: MoELayer, inputs: torch.Tensor, reference: torch.Tensor, ids: list[int]) -> float:
-    """Mean squared error of the block keeping only ``ids`` against ``reference``, the unpruned block's output."""
-    if len(ids) == layer.num_experts:
+def reconstruction_error(
+    layer: MoELayer, inputs: torch.Tensor, reference: torch.Tensor, ids: list[int], top_k: int | None = None
+) -> float:
+    """Mean squared error of the block keeping only ``ids`` (routing ``top_k`` experts when lowered) against
+    ``reference``, the unpruned block's output."""
+    if len(ids) == layer.num_experts and top_k is None:
         return 0.0
     total = 0.0
-    with keeping_only(layer, ids):
+    with keeping_only(layer, ids, top_k):
         for output, expected in zip(block_outputs(layer, inputs), reference.split(CHUNK_TOKENS), strict=True):
             total += float((output - expected).pow(2).sum())
     return total / reference.numel()
@@ -108,20 +108,22 @@ def eliminate(
     fewest: int,
     n_group: int = 1,
     candidates: int | None = None,
+    top_k: int | None = None,
 ) -> dict[int, tuple[list[int], float]]:
     """Greedy elimination down to ``fewest`` experts: count -> (the experts left, their reconstruction error).
 
     Each step removes one expert per routing group. It starts from what the ranking would remove (the lowest-scored
     expert of each group) and, group by group, swaps in the candidate whose removal reconstructs the block best; a
     candidate must be strictly better, so ties go to the lower-scored expert. ``candidates`` limits each group's
-    candidates to its lowest-scored experts left.
+    candidates to its lowest-scored experts left; ``top_k``: a lowered top-k the block routes with.
     """
     size = layer.num_experts // n_group
     kept = list(range(layer.num_experts))
-    path = {len(kept): (kept, 0.0)}
 
     def error(removed: list[int]) -> float:
-        return reconstruction_error(layer, inputs, reference, [i for i in kept if i not in removed])
+        return reconstruction_error(layer, inputs, reference, [i for i in kept if i not in removed], top_k)
+
+    path = {len(kept): (kept, error([]))}
 
     while len(kept) > fewest:
         groups = [sorted((i for i in kept if i // size == g), key=lambda i: float(scores[i])) for g in range(n_group)]
@@ -144,11 +146,11 @@ def select_layer(
 ) -> tuple[dict[int, list[int]], dict[int, tuple[float, float]]]:
     """One layer's greedy sets at every ``allowed`` count, and (greedy error, ranked error) of each."""
     reference = torch.cat(list(block_outputs(layer, inputs)))
-    path = eliminate(layer, inputs, reference, scores, allowed.start, budget.n_group, candidates)
+    path = eliminate(layer, inputs, reference, scores, allowed.start, budget.n_group, candidates, budget.top_k)
     sets, errors = {}, {}
     for count in allowed:
         ranked = select_experts(scores, count, budget)
-        ranked_error = reconstruction_error(layer, inputs, reference, ranked)
+        ranked_error = reconstruction_error(layer, inputs, reference, ranked, budget.top_k)
         greedy, greedy_error = path[count]
         sets[count], chosen_error = (greedy, greedy_error) if greedy_error < ranked_error else (ranked, ranked_error)
         errors[count] = (chosen_error, ranked_error)

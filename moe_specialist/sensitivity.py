@@ -79,7 +79,7 @@ def layer_costs(
     was_training = model.training
     model.eval()
     for job in tqdm(range(rank, len(cuts), world), desc="layer sensitivity", disable=not progress):
-        with _cut(moe, kept, cuts[job]):
+        with _cut(moe, kept, cuts[job], budget.top_k):
             losses[job] = target_loss(model, batches)
     model.train(was_training)
     if world > 1:
@@ -101,12 +101,13 @@ def layer_costs(
     return costs
 
 
-def _cut(moe: MoEModel, kept: KeptSets, cut: tuple[int, int] | None):
-    """The model as ``cut`` (layer position, count) leaves it: that layer alone keeps its kept set; None: as is."""
+def _cut(moe: MoEModel, kept: KeptSets, cut: tuple[int, int] | None, top_k: int | None):
+    """The model as ``cut`` (layer position, count) leaves it: that layer alone keeps its kept set (routing ``top_k``
+    experts when lowered); None: as is."""
     if cut is None:
         return nullcontext()
     position, count = cut
-    return keeping_only(moe.layers[position], kept.sets[position][count])
+    return keeping_only(moe.layers[position], kept.sets[position][count], top_k)
 
 
 class ModelMeter:
@@ -130,13 +131,14 @@ class ModelMeter:
         return calibration_sample(self.tokenizer, self.calibration, self.examples)
 
     def __call__(self, kept: KeptSets, budget: Budget) -> torch.Tensor:
-        key = ("costs", kept.fingerprint())
+        key = ("costs", kept.fingerprint(), budget.top_k)
         if key not in self.measured:
             self.measured[key] = layer_costs(self.model, self.moe, self.batches, kept, budget, self.progress)
         return self.measured[key]
 
     def greedy_sets(self, scores: torch.Tensor, budget: Budget, candidates: int | None) -> KeptSets:
-        key = ("greedy", scores.numpy().tobytes(), budget.min_keep, budget.n_group, budget.min_per_group, candidates)
+        limits = (budget.min_keep, budget.n_group, budget.min_per_group, budget.top_k)
+        key = ("greedy", scores.numpy().tobytes(), *limits, candidates)
         if key not in self.measured:
             self.measured[key] = greedy_sets(
                 self.model, self.moe, self.batches, scores, budget, candidates, self.progress

@@ -59,6 +59,24 @@ def test_block_inputs_are_the_real_tokens_the_block_sees():
     torch.testing.assert_close(replayed, outputs[0][real].float())  # the block is per token: flattened = in place
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_error_is_the_pruned_models_block_with_a_lowered_top_k_too(arch):
+    model = tiny_model(arch)
+    moe = find_moe(model)
+    layer = moe.layers[1]
+    ids = [0, 1, 4, 5]  # two per routing group for DeepSeek-V3
+    inputs = block_inputs(model, moe, random_batches(), [1])[1]
+    reference = torch.cat(list(block_outputs(layer, inputs)))
+    for top_k in (None, 1):
+        pruned = tiny_model(arch)
+        prune_model(pruned, PrunePlan({layer.layer_index: ids}, top_k))
+        output = torch.cat(list(block_outputs(find_moe(pruned).layers[1], inputs)))
+        expected = float((output - reference).pow(2).mean())
+        assert reconstruction_error(layer, inputs, reference, ids, top_k) == pytest.approx(expected, rel=1e-5)
+    assert reconstruction_error(layer, inputs, reference, list(range(8)), 1) > 0  # every expert, but top-1
+    torch.testing.assert_close(torch.cat(list(block_outputs(layer, inputs))), reference, rtol=0, atol=0)  # restored
+
+
 def duplicated(arch: str, position: int):
     """A tiny model whose experts 0 and 1 of one MoE layer are exact duplicates (weights, router rows and biases),
     with router rows scaled up (``SCALE``)."""
@@ -135,7 +153,7 @@ def test_greedy_plans_meet_the_budget_exactly_and_record_what_they_bought(arch):
     calls = []
 
     def measure(scores, budget, candidates):
-        calls.append(candidates)
+        calls.append((candidates, budget.top_k))
         return greedy_sets(model, moe, random_batches(), scores, budget, candidates, progress=False)
 
     ratios = [0.25, 0.5] if moe.n_group > 1 else [0.25, 0.5, 0.75]
@@ -150,7 +168,9 @@ def test_greedy_plans_meet_the_budget_exactly_and_record_what_they_bought(arch):
         plan = PrunePlan.from_dict(plan.to_dict())
         pruned = tiny_model(arch)
         prune_model(pruned, plan)  # validates group-limited counts too
-    assert calls == [None] * len(ratios)
+    assert calls == [(None, None)] * len(ratios)
+    lowered = make_plan(moe, stats, 0.5, "frequency", "global", top_k=1, selection="greedy", measure_kept_sets=measure)
+    assert calls[-1] == (None, 1) and lowered.top_k == 1  # the blocks are measured as they will route
     ranked = make_plan(moe, stats, 0.5, "frequency", "global")
     assert ranked.metadata["selection"] == "ranked" and "reconstruction_error" not in ranked.metadata
 
