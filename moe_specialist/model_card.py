@@ -51,7 +51,8 @@ def pruned_model_card(source: str, plan: PrunePlan, before: dict, after: dict, r
         f"- Pruning ratio: {meta.get('actual_ratio', 'n/a')} of routed experts "
         f"(target {meta.get('target_ratio', 'n/a')}).",
         f"- Criterion: `{meta.get('criterion', 'hand-written plan')}`; allocation: `{meta.get('allocation', 'n/a')}`; "
-        f"statistics groups: {meta.get('groups') or 'all'}; roles: {meta.get('roles') or 'source + target'}.",
+        f"selection: `{meta.get('selection', 'n/a')}`; statistics groups: {meta.get('groups') or 'all'}; "
+        f"roles: {meta.get('roles') or 'source + target'}.",
         f"- Routing: `{routing.kind}`, exact under pruning: {routing.exact} ({routing.reason}).",
         f"- Experts kept per MoE layer: {kept}.",
         "- The kept expert ids are in `prune_plan.json`, which replays on the same or a sibling checkpoint.",

@@ -233,6 +233,7 @@ def test_a_run_plans_with_greedy_sets(tiny_translator, tmp_path):
     assert plan.metadata["selection"] == "greedy" and plan.metadata["selection_candidates"] == 3
     assert set(plan.metadata["reconstruction_error"]) == {"0", "1", "2", "3"}
     assert results["pruning"]["experts_after"] == {str(i): 4 for i in range(4)}
+    assert "selection: `greedy`" in (output_dir / "model" / "README.md").read_text()  # the model card says so
 
 
 def test_a_sweep_plans_with_greedy_sets_once_per_ranking(tiny_translator, tmp_path, caplog):
