@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint style demo demo-train clean
+.PHONY: install test lint style demo demo-full demo-train clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,20 @@ lint: install
 style: install
 	$(BIN)/ruff format $(check_dirs) && $(BIN)/ruff check --fix $(check_dirs)
 
-# The main job: a sweep of pruning ratios x criteria on the demo generalist (Bible en->fr), with a short recovery
-# SFT at the high ratios. Outputs land in outputs/demo-sweep (results.csv/json, plots).
+# The main job: a sweep of pruning ratios x methods on the demo generalist (Bible en->fr), with a short recovery
+# (distillation from the generalist) at the high ratios. Outputs land in outputs/demo-sweep (results.csv/json, plots).
 DEMO_OUTPUT ?= outputs/demo-sweep
 demo: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/moe-specialist sweep --config recipes/demo/en-fr/sweep.yaml \
 		--output_dir $(DEMO_OUTPUT) $(ARGS)
+
+# The full grid (about 3x longer): six ratios x six methods, random over 3 seeds, 200 recovery steps.
+DEMO_FULL_OUTPUT ?= outputs/demo-sweep-full
+demo-full: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/moe-specialist sweep --config recipes/demo/en-fr/sweep.yaml \
+		--output_dir $(DEMO_FULL_OUTPUT) --wandb_run_group demo-sweep-full --ratios 0 0.25 0.5 0.625 0.75 0.875 \
+		--criteria gate_mass@sensitivity language_aware@sensitivity frequency@sensitivity reap@sensitivity \
+		frequency@uniform random@uniform --random_seeds 3 --max_steps 200 $(ARGS)
 
 # Re-train the embedded generalist from scratch (hours on 2 CPU cores; resumable), then export it into the package.
 demo-train: install

@@ -58,7 +58,7 @@ def summary(scores: dict) -> dict:
     return {k: direction[k] for k in ("chrf++", "bleu", "off_target_rate", "signatures") if k in direction}
 
 
-def run_one(out: Path, ratio: float, variant: str, steps: int, plan: Path, stats: Path) -> dict:
+def run_one(out: Path, ratio: float, variant: str, steps: int, plan: Path, stats: Path, extra: list[str]) -> dict:
     run_dir = out / f"r{ratio}" / variant / f"s{steps}"
     done = run_dir / "row.json"
     if done.is_file():
@@ -68,7 +68,7 @@ def run_one(out: Path, ratio: float, variant: str, steps: int, plan: Path, stats
     flags = ["--config", RECIPE, "--pruning_ratio", str(ratio), "--max_steps", str(steps), "--report_to", "none",
              "--output_dir", str(run_dir), "--statistics_file", str(stats), "--eval_strategy", "no",
              "--save_strategy", "no", "--callbacks", "expert_pruning", "translation_eval", "--mt_eval_on_start",
-             "false", *VARIANTS[variant]]  # fmt: skip
+             "false", *VARIANTS[variant], *extra]  # fmt: skip
     if plan.is_file() and variant != "progressive":
         flags += ["--prune_plan", str(plan)]
     model_args, data_args, calibration_args, pruning_args, training_args = parse_recipe(flags)
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--recipe_flags", nargs="*", default=[], help="More recipe flags for every run.")
     args = parser.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,8 @@ def main() -> None:
     for ratio in args.ratios:
         for steps in args.steps:
             for variant in args.variants:
-                row = run_one(out, ratio, variant, steps, out / "plans" / f"r{ratio}.json", out / "stats.safetensors")
+                plan, stats = out / "plans" / f"r{ratio}.json", out / "stats.safetensors"
+                row = run_one(out, ratio, variant, steps, plan, stats, args.recipe_flags)
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("ratio", "variant", "steps", "wall_seconds")} | {
                     "dev": row["dev"]["chrf++"], "test": row["test"]["chrf++"]}), flush=True)  # fmt: skip

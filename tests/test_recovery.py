@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_specialist.architectures import find_moe
-from moe_specialist.errors import ConfigurationError
+from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.prune import load_pruned_model
 from moe_specialist.training import parse_recipe, run
 from moe_specialist.training.progressive import relative_ratio, run_progressive, stage_ratios, stage_steps
@@ -223,3 +223,11 @@ def test_lora_distils_from_the_model_copied_before_pruning(tiny_translator, tmp_
     model_args, *_, training_args = recipe(tiny_translator, tmp_path / "x", "--recovery", "kd", "--teacher_logits",
                                            str(tmp_path / "new"))  # fmt: skip
     assert load_teacher(torch.nn.Linear(1, 1), model_args, training_args) is None  # computed by the model itself
+
+
+def test_precomputed_logits_of_other_data_are_refused_before_training(tiny_translator, tmp_path):
+    table = ("--teacher_logits", str(tmp_path / "t"), "--max_steps", "1", "--recovery", "kd")
+    run(*recipe(tiny_translator, tmp_path / "a", *table))
+    with pytest.raises(MissingInputError, match=r"lacks \d+ of this run's \d+ SFT sequences"):
+        run(*recipe(tiny_translator, tmp_path / "b", *table, "--max_train_examples", "12"))
+    assert not (tmp_path / "b" / "trainer_state.json").exists()

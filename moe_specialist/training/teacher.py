@@ -38,6 +38,10 @@ def sequence_key(token_ids: torch.Tensor) -> bytes:
     return hashlib.sha256(token_ids.to(torch.int64).cpu().numpy().tobytes()).digest()
 
 
+def sequence_keys(datasets: list) -> set[bytes]:
+    return {sequence_key(torch.tensor(ids)) for data in datasets for ids in data["input_ids"]}
+
+
 def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """Each row's tokens without padding (TRL pads on the right)."""
     return [row[mask.bool()] for row, mask in zip(input_ids, attention_mask, strict=True)]
@@ -213,15 +217,25 @@ class TeacherSetup(TrainerCallback):
                     f"teacher_logits {args.teacher_logits} was computed with the teacher {recorded}, this run's "
                     f"teacher is {self.teacher_name}: point teacher_logits elsewhere (or delete it to recompute)."
                 )
+            keys = sequence_keys(self.datasets())
+            missing = len(keys - self.teacher.rows.keys())
+            if missing:
+                raise MissingInputError(
+                    f"teacher_logits {args.teacher_logits} lacks {missing} of this run's {len(keys)} SFT sequences "
+                    "(it was computed on other data or another tokenization): point teacher_logits elsewhere, or "
+                    "delete it to recompute."
+                )
         self.snapshot = None
+
+    def datasets(self) -> list:
+        """The trainer's prepared SFT data (and eval data: the Trainer's eval loss distils too)."""
+        return [d for d in (self.trainer.train_dataset, self.trainer.eval_dataset) if d is not None]
 
     def compute(self, args, model) -> None:
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
             raise ConfigurationError("Teacher logits cannot be computed with a model already pruned and wrapped.")
-        trainer = self.trainer
-        datasets = [d for d in (trainer.train_dataset, trainer.eval_dataset) if d is not None]
         logger.info("Computing the teacher's top-%d logits into %s (once; later runs reuse them).",
                     args.teacher_top_k, args.teacher_logits)  # fmt: skip
         add_compact_lm_head(model)  # a no-op for the student, which has it already
@@ -229,8 +243,8 @@ class TeacherSetup(TrainerCallback):
         model.eval()
         try:
             compute_teacher_logits(
-                model, datasets, args.teacher_logits, args.teacher_top_k, args.per_device_train_batch_size,
-                trainer.processing_class.pad_token_id, self.teacher_name,
+                model, self.datasets(), args.teacher_logits, args.teacher_top_k, args.per_device_train_batch_size,
+                self.trainer.processing_class.pad_token_id, self.teacher_name,
             )  # fmt: skip
         finally:
             model.train(was_training)
