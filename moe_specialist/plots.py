@@ -23,7 +23,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_quality_curve(rows: list[dict], path: Path, metric: str = "chrf++", title: str = "") -> None:
-    """One line per criterion (prune-only solid, after SFT dashed), ``metric`` against the share of experts removed.
+    """One line per criterion (prune-only solid, after recovery dashed), ``metric`` against the share removed.
 
     The x axis is each row's ``actual_ratio``, what was removed (the target to within half an expert).
     """
@@ -42,7 +42,7 @@ def plot_quality_curve(rows: list[dict], path: Path, metric: str = "chrf++", tit
                 [p[1] for p in points],
                 style,
                 color=colors.get(criterion),
-                label=f"{criterion}{' + SFT' if sft else ''}",
+                label=f"{criterion}{' + recovery' if sft else ''}",
                 markersize=4 if not sft else 6,
             )[0]
             colors.setdefault(criterion, line.get_color())

@@ -168,6 +168,7 @@ def test_progressive_pruning_reaches_the_ratio_in_stages_within_the_step_budget(
                                                                            {str(i): 4 for i in range(4)}]  # fmt: skip
     assert results["pruning"]["actual_ratio"] == 0.5 and results["pruning"]["target_ratio"] == 0.5
     assert results["pruning"]["experts_before"] == {str(i): 8 for i in range(4)}
+    assert results["training"]["global_step"] == 3 and results["training"]["progressive_ratios"] == [0.25]
     saved = json.loads((tmp_path / "prog" / "results.json").read_text())
     assert saved["model_dir"] == str(tmp_path / "prog" / "stage-2-r0.5" / "model")
     assert find_moe(load_pruned_model(saved["model_dir"])).experts_per_layer == {i: 4 for i in range(4)}

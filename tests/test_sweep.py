@@ -55,7 +55,9 @@ def test_methods_combine_criteria_and_allocations():
 
 def result(ratio, criterion, chrf, seed=0, sft=False, actual=None):
     point = Point(ratio, criterion, seed, sft)
+    training = {"training": {"recovery": "kd", "global_step": 100}} if sft else {}
     return {
+        **training,
         "point": point.id,
         "target_ratio": ratio,
         "criterion": criterion,
@@ -88,7 +90,7 @@ def test_table_averages_random_seeds_and_relates_to_the_baseline():
     # the unpruned point starts every criterion's curve
     assert {r["criterion"] for r in rows if r["target_ratio"] == 0} == {"frequency", "random"}
     text = format_table(rows)
-    assert "0.500 + SFT" in text and "41.00 (102%)" in text
+    assert "0.500 + kd, 100 steps" in text and "41.00 (102%)" in text
     json.dumps(rows)
 
 
@@ -195,7 +197,7 @@ def test_sweep_end_to_end_and_resume(tiny_translator, tmp_path, monkeypatch):
     assert len(summary["points"]) == 5
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("| pruned | frequency@uniform | random@uniform |")
-    assert "| 0.500 + SFT |" in markdown and "nrefs:3|" in markdown
+    assert "| 0.500 + sft, 2 steps |" in markdown and "nrefs:3|" in markdown
     for plot in ("chrf_vs_ratio.png", "expert_usage.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     # one W&B run per point and a summary run; an SFT point's run is its training run, in its output directory,

@@ -16,6 +16,12 @@ from moe_specialist.sweep.grid import Point
 from moe_specialist.training.wandb_logging import score_summary
 
 
+def recovery_label(training: dict) -> str:
+    """How a point recovered, as its table row names it, e.g. ``kd, 100 steps``."""
+    progressive = " (progressive)" if training.get("progressive_ratios") else ""
+    return f"{training.get('recovery', 'sft')}{progressive}, {training['global_step']} steps"
+
+
 def table_rows(results: list[dict]) -> list[dict]:
     """One row per (target ratio, criterion, sft) with random seeds averaged; relative to the unpruned score.
 
@@ -46,6 +52,8 @@ def table_rows(results: list[dict]) -> list[dict]:
             "parameters_active": items[0]["parameters"]["active"],
             "checkpoint_mb": round(items[0]["checkpoint_bytes"] / 2**20, 2),
         }
+        if sft:
+            row["recovery"] = recovery_label(items[0]["training"])
         if len(items) > 1:
             row["chrf++_min"] = round(min(i["average"]["chrf++"] for i in items), 2)
             row["chrf++_max"] = round(max(i["average"]["chrf++"] for i in items), 2)
@@ -112,7 +120,8 @@ def _ratio_label(row: dict) -> str:
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    """chrF++ (share of the unpruned score) per ratio x method, prune-only and +SFT; random: mean [min-max]."""
+    """chrF++ (share of the unpruned score) per ratio x method, prune-only and recovered (the row names the recovery:
+    ``0.750 + kd, 100 steps``); random: mean [min-max]."""
     methods = sorted({r["criterion"] for r in rows})
     lookup = {(r["target_ratio"], r["criterion"], r["sft"]): r for r in rows}
     labels = {r["target_ratio"]: _ratio_label(r) for r in rows}
@@ -121,7 +130,10 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         for sft in (False, True):
             cells = [_cell(lookup.get((ratio, m, sft))) for m in methods]
             if any(cells):
-                lines.append([f"{labels[ratio]}{' + SFT' if sft else ''}", *cells])
+                recovery = next(
+                    (lookup[ratio, m, True]["recovery"] for m in methods if (ratio, m, True) in lookup), ""
+                )
+                lines.append([f"{labels[ratio]}{' + ' + recovery if sft else ''}", *cells])
     header = ["pruned", *methods]
     if markdown:
         table = [header, ["---"] * len(header), *lines]
@@ -236,7 +248,7 @@ class SweepWandb:
                     x="actual_ratio",
                     y="chrf++",
                     stroke="criterion",
-                    title=f"chrF++ vs actual_ratio (share of experts removed){' after SFT' if sft else ''}",
+                    title=f"chrF++ vs actual_ratio (share of experts removed){' after recovery' if sft else ''}",
                 )
         images = {p.stem: wandb.Image(str(p)) for p in sorted(plots.glob("*.png"))}
         run.log({"results": table, **curves, **images})

@@ -180,6 +180,8 @@ def results_record(
         },
         "pruning": None,
         "training": {
+            "recovery": training_args.recovery,
+            "progressive_ratios": training_args.progressive_ratios,
             "global_step": trainer.state.global_step,
             "resumed_from": setup.checkpoint,
             "trainable": trainable,

@@ -97,6 +97,7 @@ def run_progressive(model_args, data_args, calibration_args, pruning_args, train
         "parameters_before": stages[0]["pruning"]["parameters_before"],
     }
     results["scores"] = {"start": stages[0]["scores"]["start"], "end": stage["scores"]["end"]}
+    results["training"] = {**stage["training"], "global_step": sum(steps), "progressive_ratios": ratios[:-1]}
     results["timings"] = {key: round(sum(s["timings"].get(key, 0.0) for s in stages), 2) for key in ("total", "train")}
     if PartialState().is_main_process:
         atomic_write_json(results, output_dir / RESULTS_FILE)
