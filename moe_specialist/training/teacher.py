@@ -239,6 +239,9 @@ class TeacherSetup(TrainerCallback):
         logger.info("Computing the teacher's top-%d logits into %s (once; later runs reuse them).",
                     args.teacher_top_k, args.teacher_logits)  # fmt: skip
         add_compact_lm_head(model)  # a no-op for the student, which has it already
+        if next(model.parameters()).device != args.device:  # as for calibration: the Trainer has not placed it yet
+            logger.info("Moving the model to %s to compute the teacher logits.", args.device)
+            model.to(args.device)
         was_training = model.training
         model.eval()
         try:
