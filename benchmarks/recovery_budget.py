@@ -55,7 +55,8 @@ def vars_of(data_args) -> dict:
 
 def summary(scores: dict) -> dict:
     (direction,) = scores["directions"].values()
-    return {k: direction[k] for k in ("chrf++", "bleu", "off_target_rate", "signatures") if k in direction}
+    keys = ("chrf++", "bleu", "off_target_rate", "chrf++_signature", "bleu_signature")
+    return {k: direction[k] for k in keys if k in direction}
 
 
 def run_one(out: Path, ratio: float, variant: str, steps: int, plan: Path, stats: Path, extra: list[str]) -> dict:
