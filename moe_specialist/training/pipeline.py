@@ -1,4 +1,5 @@
-"""One prune(+SFT) run, in process: what ``moe_specialist.train`` runs under ``accelerate launch`` and a sweep calls.
+"""One prune(+recovery) run, in process: what ``moe_specialist.train`` runs under ``accelerate launch`` and a sweep
+calls.
 
     results = run(model_args, data_args, calibration_args, pruning_args, training_args, stats=None)
 
@@ -7,11 +8,13 @@ of them; rank 0 alone writes files and talks to W&B):
 
 1. checks and the output directory (:mod:`moe_specialist.training.setup`), then the W&B run with the whole recipe;
 2. the model, loaded whole on every rank even under a ZeRO-3 launch (``zero.Init`` off), so that pruning sees whole
-   expert tensors; sparse-MoE blocks become ZeRO-3 leaf modules; the trainable set; then the SFT and eval data;
+   expert tensors; sparse-MoE blocks become ZeRO-3 leaf modules; the trainable set; the teacher a distillation
+   recovery needs besides the model (:func:`load_teacher`); then the SFT and eval data;
 3. routing statistics (given, reused or calibrated, sharded across ranks) and the prune plan (rank 0's, broadcast);
-4. ``SFTTrainer`` with the recipe's callbacks: ``expert_pruning`` prunes with the plan in ``on_init_end``, before
-   the optimizer exists (with LoRA just before the trainer is built: ``SFTTrainer.__init__`` wraps the model in PEFT
-   first). Uneven expert counts switch the router aux loss off before TRL reads it;
+4. ``RecoveryTrainer`` (``SFTTrainer`` with the recipe's ``recovery`` loss) with the recipe's callbacks: its teacher
+   is set up first (precomputed logits computed by the model itself), then ``expert_pruning`` prunes with the plan in
+   ``on_init_end``, before the optimizer exists (with LoRA just before the trainer is built: ``SFTTrainer.__init__``
+   wraps the model in PEFT first). Uneven expert counts switch the router aux loss off before TRL reads it;
 5. ``trainer.train(resume_from_checkpoint=...)`` (the checkpoint's weights restored exactly), or, with
    ``max_steps: 0``, one evaluation of the pruned model;
 6. the scores the ``translation_eval`` callback gathered;
