@@ -38,8 +38,13 @@ def sequence_key(token_ids: torch.Tensor) -> bytes:
     return hashlib.sha256(token_ids.to(torch.int64).cpu().numpy().tobytes()).digest()
 
 
-def sequence_keys(datasets: list) -> set[bytes]:
-    return {sequence_key(torch.tensor(ids)) for data in datasets for ids in data["input_ids"]}
+def keyed_sequences(datasets: list) -> dict[bytes, list[int]]:
+    """Every distinct token sequence of TRL-prepared ``datasets`` (``input_ids``), by its key."""
+    return {sequence_key(torch.tensor(ids)): ids for data in datasets for ids in data["input_ids"]}
+
+
+def part_name(rank: int, world: int) -> str:
+    return f"part-{rank:05d}-of-{world:05d}.safetensors"
 
 
 def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -146,8 +151,7 @@ def compute_teacher_logits(
     ``input_ids``), written to ``directory``: each rank computes and writes its share, rank 0 the index last."""
     state = PartialState()
     directory = Path(directory)
-    sequences = {sequence_key(torch.tensor(ids)): ids for data in datasets for ids in data["input_ids"]}
-    ordered = sorted(sequences.items())
+    ordered = sorted(keyed_sequences(datasets).items())
     mine = ordered[state.process_index :: state.num_processes]
     device = next(model.parameters()).device
     keys, offsets, ids_out, logits_out = [], [0], [], []
@@ -167,7 +171,7 @@ def compute_teacher_logits(
         for key, ids in batch:
             keys.append(torch.tensor(list(key), dtype=torch.uint8))
             offsets.append(offsets[-1] + len(ids) - 1)
-    part = f"part-{state.process_index:05d}-of-{state.num_processes:05d}.safetensors"
+    part = part_name(state.process_index, state.num_processes)
     tensors = {
         "keys": torch.stack(keys) if keys else torch.zeros((0, 32), dtype=torch.uint8),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
@@ -180,7 +184,7 @@ def compute_teacher_logits(
     tmp.replace(directory / part)
     state.wait_for_everyone()
     if state.is_main_process:
-        parts = [f"part-{r:05d}-of-{state.num_processes:05d}.safetensors" for r in range(state.num_processes)]
+        parts = [part_name(rank, state.num_processes) for rank in range(state.num_processes)]
         meta = {"teacher": teacher, "top_k": top_k, "sequences": len(ordered), "parts": parts}
         atomic_write_json(meta, directory / TEACHER_META_FILE)
     state.wait_for_everyone()
@@ -217,7 +221,7 @@ class TeacherSetup(TrainerCallback):
                     f"teacher_logits {args.teacher_logits} was computed with the teacher {recorded}, this run's "
                     f"teacher is {self.teacher_name}: point teacher_logits elsewhere (or delete it to recompute)."
                 )
-            keys = sequence_keys(self.datasets())
+            keys = keyed_sequences(self.datasets()).keys()
             missing = len(keys - self.teacher.rows.keys())
             if missing:
                 raise MissingInputError(
