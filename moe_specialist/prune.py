@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,6 +60,13 @@ from moe_specialist.io import (
 from moe_specialist.model_card import pruned_model_card, summarize_moe
 from moe_specialist.per_layer_modeling import with_per_layer_experts
 from moe_specialist.plan import PLAN_FILE, PrunePlan
+from moe_specialist.safetensors_stream import (
+    SourceTensor,
+    StreamedTensor,
+    TensorInfo,
+    read_header,
+    write_safetensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -349,27 +355,57 @@ def _input_and_output(model_dir: Path, staging: Path, name: str, what: str) -> t
     return safe_child(model_dir, name, what), safe_child(staging, name, what)
 
 
-def _prune_tensor(key: str, tensor_loader, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]):
-    """(new key, tensor) for one checkpoint entry, or None when the entry belongs to a removed expert."""
+@dataclass(frozen=True)
+class PlannedEntry:
+    """One tensor of the pruned checkpoint: the source entry ``source`` under the name ``key``, whole, or only the
+    experts ``kept`` (in that order) along dimension ``dim``. Decided from names and shapes, before any tensor is
+    read."""
+
+    key: str
+    source: str
+    kept: tuple[int, ...] | None = None
+    dim: int = 0
+
+
+def plan_entry(
+    key: str, shape: list[int], plan_kept: dict[int, list[int]], counts: dict[int, int]
+) -> PlannedEntry | None:
+    """What the pruned checkpoint holds of entry ``key`` (of ``shape``); None when it belongs to a removed expert."""
     layer_match = LAYER_INDEX.search(key)
     layer = int(layer_match.group(1)) if layer_match else None
     if layer is None or layer not in plan_kept or layer not in counts:
-        return key, tensor_loader()
+        return PlannedEntry(key, key)
     kept, n = plan_kept[layer], counts[layer]
     expert = _EXPERT_KEY.match(key)
     if expert and not any(h in key for h in _SHARED_HINTS):
         index = int(expert.group("expert"))
         if index not in kept:
             return None
-        return f"{expert.group('prefix')}.{kept.index(index)}.{expert.group('rest')}", tensor_loader()
+        return PlannedEntry(f"{expert.group('prefix')}.{kept.index(index)}.{expert.group('rest')}", key)
     name = key.lower()
     if any(h in name for h in _MOE_NAME_HINTS) and not any(h in name for h in _SHARED_HINTS) and n in shape:
         dims = [d for d, size in enumerate(shape) if size == n]
         if len(dims) != 1:
             raise ConfigurationError(f"Cannot tell which dimension of {key} {shape} indexes the {n} experts.")
-        tensor = tensor_loader()
-        return key, tensor.index_select(dims[0], torch.tensor(kept, dtype=torch.long)).contiguous()
-    return key, tensor_loader()
+        return PlannedEntry(key, key, tuple(kept), dims[0])
+    return PlannedEntry(key, key)
+
+
+def _read_shard(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors and metadata of a checkpoint shard; a damaged file is a ConfigurationError naming it."""
+    try:
+        tensors, metadata = read_header(path)
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"Cannot read {path}: truncated or corrupt safetensors ({error}).") from error
+    return tensors, metadata or {}
+
+
+def _output_tensors(
+    source: BinaryIO, tensors: dict[str, TensorInfo], entries: list[PlannedEntry]
+) -> dict[str, StreamedTensor]:
+    """The tensors of one output shard, by name, each to be copied from the open shard ``source`` when written (the
+    place to turn an entry into a :class:`~moe_specialist.safetensors_stream.ComputedTensor` instead)."""
+    return {e.key: SourceTensor(source, tensors[e.source], e.kept, e.dim) for e in entries}
 
 
 def prune_checkpoint(
@@ -379,7 +415,11 @@ def prune_checkpoint(
     overwrite: bool = False,
     source_name: str | None = None,
 ) -> dict:
-    """Rewrite a safetensors checkpoint shard by shard (peak memory about one shard), with config, plan and card.
+    """Rewrite a safetensors checkpoint tensor by tensor, with config, plan and card.
+
+    Each output shard is written header first, then tensor by tensor, copied file to file by the kernel
+    (:mod:`moe_specialist.safetensors_stream`): only the kept experts' bytes are read, none passes through this
+    process, and the pruned shards hold the tensors :func:`prune_model` gives.
 
     The output may not be, contain or lie inside ``model_dir``. Every file name read from the checkpoint goes through
     :func:`safe_child`: checkpoints come from the internet.
@@ -395,27 +435,12 @@ def prune_checkpoint(
     with staging_dir(output_dir, overwrite, protected=[model_dir]) as tmp:
         for shard in _shard_files(model_dir):
             source, target = _input_and_output(model_dir, tmp, shard, f"shard name in {model_dir / INDEX_FILE}")
-            out: dict[str, torch.Tensor] = {}
-            try:
-                with safe_open(str(source), framework="pt") as f:
-                    metadata = f.metadata() or {}
-                    for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                        shape = list(f.get_slice(key).get_shape())
-                        result = _prune_tensor(key, lambda k=key: f.get_tensor(k), shape, plan.kept_experts, counts)
-                        if result is not None:
-                            new_key, tensor = result
-                            out[new_key] = tensor
-            except Exception as error:
-                if isinstance(error, ValueError) and "dimension" in str(error):
-                    raise
-                raise ConfigurationError(
-                    f"Cannot read {source}: truncated or corrupt safetensors ({error})."
-                ) from error
-            save_file(out, str(target), metadata={**metadata, "format": metadata.get("format", "pt")})
-            for key, tensor in out.items():
-                weight_map[key] = shard
-                total_size += tensor.numel() * tensor.element_size()
-            del out
+            tensors, metadata = _read_shard(source)
+            entries = [plan_entry(key, list(info.shape), plan.kept_experts, counts) for key, info in tensors.items()]
+            with source.open("rb") as f:
+                out = _output_tensors(f, tensors, [e for e in entries if e is not None])
+                total_size += write_safetensors(target, out, {**metadata, "format": metadata.get("format", "pt")})
+            weight_map.update(dict.fromkeys(out, shard))
         if (model_dir / INDEX_FILE).is_file():
             atomic_write_json(
                 {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},

@@ -22,6 +22,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.io import INDEX_FILE, read_weight_map
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_model, save_pruned_model
+from moe_specialist.safetensors_stream import read_header
 from tests.helpers import routed_counts, umask
 from tests.tiny_models import TINY_CONFIGS, tiny_model
 
@@ -265,6 +266,28 @@ def test_bfloat16_checkpoints_stay_bfloat16_and_both_paths_agree(tmp_path):
     assert all(disk[k].dtype == torch.bfloat16 and torch.equal(disk[k], memory[k]) for k in disk)
 
 
+def test_on_disk_pruning_copies_file_to_file_and_never_reads_a_removed_expert(tmp_path, monkeypatch):
+    """GPT-OSS's fused experts and router rows are indexed by expert first: only the kept experts' bytes are read."""
+    model = tiny_model("gpt_oss").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "original")
+    copied: list[tuple[int, int]] = []
+    copy_file_range = os.copy_file_range
+
+    def recording(source, out, count, offset_src=None, *args):
+        copied.append((offset_src, copy_file_range(source, out, count, offset_src, *args)))
+        return copied[-1][1]
+
+    monkeypatch.setattr(os, "copy_file_range", recording)
+    report = prune_checkpoint(tmp_path / "original", uniform_plan(model), tmp_path / "out")  # removes experts 0, 1
+    assert sum(count for _, count in copied) == report["total_size"]  # every byte once, straight from the source
+    tensors, _ = read_header(tmp_path / "original" / "model.safetensors")
+    fused = {key: info for key, info in tensors.items() if re.search(r"mlp\.(experts|router)\.", key)}
+    assert len(fused) == 6 * 4 and all(info.shape[0] == 8 for info in fused.values())
+    for key, info in fused.items():
+        removed = (info.start, info.start + 2 * (info.end - info.start) // 8)
+        assert not [(o, n) for o, n in copied if o < removed[1] and removed[0] < o + n], key
+
+
 def test_prune_checkpoint_copies_only_what_belongs_to_the_model(tmp_path):
     model = tiny_model("mixtral")
     model.save_pretrained(tmp_path / "original")
@@ -323,11 +346,12 @@ import time
 import moe_specialist.prune as prune
 from moe_specialist.cli import main
 
-def save_then_pause(*args, **kwargs):
-    save_file(*args, **kwargs)
+def write_then_pause(*args, **kwargs):
+    size = write_safetensors(*args, **kwargs)
     time.sleep(0.5)
+    return size
 
-save_file, prune.save_file = prune.save_file, save_then_pause
+write_safetensors, prune.write_safetensors = prune.write_safetensors, write_then_pause
 main()
 """
 
