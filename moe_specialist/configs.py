@@ -30,7 +30,7 @@ DEFAULT_DATASET = "bible"
 DEFAULT_DIRECTIONS = ("en-fr",)
 
 CRITERION_NAMES = ("frequency", "gate_mass", "reap", "output_mass", "language_aware", "random")
-ALLOCATION_NAMES = ("uniform", "global", "coverage", "sensitivity")
+ALLOCATION_NAMES = ("uniform", "global", "coverage", "sensitivity", "search")
 SELECTION_NAMES = ("ranked", "greedy")
 
 
@@ -254,8 +254,23 @@ class PruningArguments:
     pruning_criterion: str = field(default="frequency", metadata={"help": " | ".join(CRITERION_NAMES)})
     pruning_allocation: str = field(
         default="uniform",
-        metadata={"help": "uniform | global | coverage | sensitivity (measured per-layer loss; needs the model)"},
+        metadata={
+            "help": "uniform | global | coverage | sensitivity (measured per-layer loss; needs the model) | search "
+            "(the sensitivity plan refined by a local search over per-layer counts and kept sets on the whole pruned "
+            "model's next-token KL to the unpruned model; needs the model)"
+        },
     )
+    allocation_search_seconds: float = field(
+        default=60.0, metadata={"help": "search: the time budget; no candidate is scored after it."}
+    )
+    allocation_search_evaluations: int | None = field(
+        default=None,
+        metadata={
+            "help": "search: at most this many candidates scored (set it, with enough seconds, for plans that do "
+            "not depend on the machine's speed)."
+        },
+    )
+    allocation_search_seed: int = field(default=0, metadata={"help": "search: the seed of its moves."})
     pruning_selection: str = field(
         default="ranked",
         metadata={
@@ -292,7 +307,10 @@ class PruningArguments:
     )
     sensitivity_examples: int = field(
         default=64,
-        metadata={"help": "Calibration sequences the sensitivity allocation and the greedy selection measure on."},
+        metadata={
+            "help": "Calibration sequences the sensitivity allocation and the greedy selection measure on (the "
+            "search allocation scores on as many others)."
+        },
     )
 
     def __post_init__(self):
@@ -315,6 +333,12 @@ class PruningArguments:
         if unknown_roles:
             raise ConfigurationError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
         check_minimum(self, 1, "pruning_top_k", "sensitivity_examples", "selection_candidates")
+        check_minimum(self, 1, "allocation_search_evaluations")
+        if not 0 < self.allocation_search_seconds < float("inf"):
+            raise ConfigurationError(
+                f"allocation_search_seconds must be a positive number of seconds, got {self.allocation_search_seconds}"
+                ": it bounds the search allocation's time (cap its evaluations with allocation_search_evaluations)."
+            )
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel
-from moe_specialist.configs import SELECTION_NAMES, PruningArguments, validate_ratio
+from moe_specialist.configs import ALLOCATION_NAMES, SELECTION_NAMES, PruningArguments, validate_ratio
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
 from moe_specialist.stats import ROLES, RoutingStats
@@ -194,11 +194,38 @@ LayerCosts = Callable[[KeptSets, Budget], torch.Tensor]
 # Chooses kept sets on the model: scores (the criterion's, which break ties), budget, candidates per step.
 MeasureKeptSets = Callable[[torch.Tensor, Budget, "int | None"], KeptSets]
 
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """What bounds the ``search`` allocation (:mod:`moe_specialist.allocation_search`): seconds, an optional cap on
+    evaluations (for plans that do not depend on the machine's speed), and the seed of its moves."""
+
+    seconds: float = 60.0
+    evaluations: int | None = None
+    seed: int = 0
+
+
+def search_limits(args: PruningArguments) -> SearchLimits:
+    return SearchLimits(
+        args.allocation_search_seconds, args.allocation_search_evaluations, args.allocation_search_seed
+    )
+
+
+# Refines per-layer kept sets on the model: start kept ids per layer, scores, budget, limits -> (kept ids, trace).
+SearchAllocation = Callable[[list[list[int]], torch.Tensor, Budget, SearchLimits], "tuple[list[list[int]], dict]"]
+
 GREEDY_NEEDS_THE_MODEL = (
     "pruning_selection greedy measures each MoE block's output on calibration tokens, so it needs the model: it "
     "runs in `moe-specialist sweep` and `python -m moe_specialist.train`, not from a statistics file alone "
     "(`moe-specialist plan`); plan here with --pruning_selection ranked, or choose greedy in a sweep or training "
     "recipe."
+)
+
+SEARCH_NEEDS_THE_MODEL = (
+    "pruning_allocation search scores candidate plans by pruning the model and measuring its next-token KL to the "
+    "unpruned model on calibration tokens, so it needs the model: it runs in `moe-specialist sweep` and `python -m "
+    "moe_specialist.train`, not from a statistics file alone (`moe-specialist plan`); plan here with another "
+    "allocation (uniform, global or coverage), or choose search in a sweep or training recipe."
 )
 
 
@@ -335,7 +362,7 @@ ALLOCATIONS: dict[str, Callable[[torch.Tensor, Budget], list[int]]] = {
     "global": allocate_global,
     "coverage": allocate_coverage,
     "sensitivity": allocate_sensitivity,
-}
+}  # and "search": the sensitivity counts refined on the model by make_plan (moe_specialist.allocation_search)
 
 
 PLAN_FILE = "prune_plan.json"  # the plan's name next to every checkpoint, run and sweep point
@@ -476,6 +503,8 @@ def make_plan(
     selection: str = "ranked",
     selection_candidates: int | None = None,
     measure_kept_sets: MeasureKeptSets | None = None,
+    search_allocation: SearchAllocation | None = None,
+    search: SearchLimits = SearchLimits(),
 ) -> PrunePlan:
     """Keep the experts ``selection`` chooses (the best-scored under ``criterion``, or ``greedy`` sets measured on the
     model), as many per layer as ``allocation`` spreads the budget.
@@ -483,15 +512,19 @@ def make_plan(
     The plan keeps exactly ``round(total * (1 - ratio))`` experts (the ratio in whole experts), or :class:`Budget`
     refuses the ratio with the nearest ones that can be met. ``measure_layer_costs`` and ``measure_kept_sets``
     (:func:`moe_specialist.sensitivity.layer_cost_meter` and its ``greedy_sets``) measure on the model: the costs the
-    ``sensitivity`` allocation minimises, of the sets the layers will keep, and the ``greedy`` sets.
+    ``sensitivity`` allocation minimises, of the sets the layers will keep, and the ``greedy`` sets;
+    ``search_allocation`` (its ``search_allocation``) refines the sensitivity plan within ``search`` for the
+    ``search`` allocation.
     """
     validate_ratio(ratio)
     if selection not in SELECTION_NAMES:
         raise ConfigurationError(f"Unknown selection {selection!r}; choose one of {list(SELECTION_NAMES)}.")
     if selection == "greedy" and measure_kept_sets is None:
         raise ConfigurationError(GREEDY_NEEDS_THE_MODEL)
-    if allocation not in ALLOCATIONS:
-        raise ConfigurationError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATIONS)}.")
+    if allocation not in ALLOCATION_NAMES:
+        raise ConfigurationError(f"Unknown allocation {allocation!r}; choose one of {sorted(ALLOCATION_NAMES)}.")
+    if allocation == "search" and (search_allocation is None or measure_layer_costs is None):
+        raise ConfigurationError(SEARCH_NEEDS_THE_MODEL)
     stats.validate_for(moe, checkpoint)  # a model on the meta device: routers read from the checkpoint
     if top_k is not None and not 1 <= top_k <= moe.top_k:
         raise ConfigurationError(f"top_k={top_k} must be between 1 and the model's top-k ({moe.top_k}).")
@@ -510,11 +543,15 @@ def make_plan(
         sets = measure_kept_sets(scores, budget, selection_candidates)
     else:
         sets = ranked_sets(scores, budget)
-    if allocation == "sensitivity" and measure_layer_costs is not None:
+    if allocation in ("sensitivity", "search") and measure_layer_costs is not None:
         budget.layer_costs = measure_layer_costs(sets, budget)
-    counts = ALLOCATIONS[allocation](scores, budget)
-    layers = enumerate(zip(stats.layers, counts, strict=True))
-    kept = {layer: sets.sets[position][count] for position, (layer, count) in layers}
+    counts = ALLOCATIONS["sensitivity" if allocation == "search" else allocation](scores, budget)
+    kept_ids = [sets.sets[position][count] for position, count in enumerate(counts)]
+    trace = None
+    if allocation == "search":
+        kept_ids, trace = search_allocation(kept_ids, scores, budget, search)
+        counts = [len(ids) for ids in kept_ids]
+    kept = dict(zip(stats.layers, kept_ids, strict=True))
     plan = PrunePlan(
         kept,
         top_k,
@@ -524,7 +561,8 @@ def make_plan(
             "criterion": criterion,
             "allocation": allocation,
             "selection": selection,
-            **(_selection_metadata(sets, stats.layers, counts, selection_candidates) if sets.errors else {}),
+            **(_selection_metadata(sets, stats.layers, kept_ids, selection_candidates) if sets.errors else {}),
+            **({"allocation_search": trace} if trace is not None else {}),
             "groups": groups,
             "roles": roles,
             "seed": seed,
@@ -541,12 +579,15 @@ def make_plan(
     return plan
 
 
-def _selection_metadata(sets: KeptSets, layers: list[int], counts: list[int], candidates: int | None) -> dict:
+def _selection_metadata(sets: KeptSets, layers: list[int], kept_ids: list[list[int]], candidates: int | None) -> dict:
     """What a measured selection bought: per layer, the block reconstruction error (mean squared error against the
-    unpruned block on the calibration tokens) of the kept experts and of the criterion's best as many."""
+    unpruned block on the calibration tokens) of the kept experts and of the criterion's best as many (layers whose
+    set the allocation search changed have no measured error, and are left out)."""
     errors = {}
-    for position, (layer, count) in enumerate(zip(layers, counts, strict=True)):
-        kept, ranked = sets.errors[position][count]
+    for position, (layer, ids) in enumerate(zip(layers, kept_ids, strict=True)):
+        if sets.sets[position][len(ids)] != ids:
+            continue
+        kept, ranked = sets.errors[position][len(ids)]
         errors[str(layer)] = {"kept": float(f"{kept:.6g}"), "ranked": float(f"{ranked:.6g}")}
     return {"selection_candidates": candidates, "reconstruction_error": errors}
 
@@ -591,10 +632,12 @@ def plan_for(
     measure_layer_costs: LayerCosts | None = None,
     checkpoint: str | Path | None = None,
     measure_kept_sets: MeasureKeptSets | None = None,
+    search_allocation: SearchAllocation | None = None,
 ) -> PrunePlan:
     """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation
     (``checkpoint``: the directory of a model built on the meta device, whose routers the statistics are checked
-    against)."""
+    against). ``search_allocation`` defaults to that of ``measure_layer_costs`` when it has one (a
+    :class:`~moe_specialist.sensitivity.ModelMeter` does)."""
     if args.prune_plan:
         plan = PrunePlan.load(args.prune_plan)
         plan.validate(moe)
@@ -616,6 +659,8 @@ def plan_for(
         selection=args.pruning_selection,
         selection_candidates=args.selection_candidates,
         measure_kept_sets=measure_kept_sets,
+        search_allocation=search_allocation or getattr(measure_layer_costs, "search_allocation", None),
+        search=search_limits(args),
     )
     plan.metadata.setdefault("statistics", args.statistics_file)
     return plan

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -20,11 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
 from moe_specialist.configs import CalibrationArguments
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, KeptSets
+from moe_specialist.plan import Budget, KeptSets, SearchLimits
 from moe_specialist.prune import keeping_only
 from moe_specialist.selection import from_rank_zero, greedy_sets, rank_and_world
 from moe_specialist.stats import IGNORE, ROLES
@@ -112,7 +114,8 @@ def _cut(moe: MoEModel, kept: KeptSets, cut: tuple[int, int] | None, top_k: int 
 
 class ModelMeter:
     """What ``make_plan`` measures on the model, on ``examples`` calibration sequences read on first use: layer costs
-    (called as :data:`~moe_specialist.plan.LayerCosts`) and greedy kept sets (:meth:`greedy_sets`).
+    (called as :data:`~moe_specialist.plan.LayerCosts`) and greedy kept sets (:meth:`greedy_sets`); and the
+    ``search`` allocation (:meth:`search_allocation`), scored on as many other calibration sequences.
 
     Each result is kept per ranking and kept sets, so a sweep measures each criterion once for all its ratios. Under
     torch.distributed every rank must ask for the same measurements in the same order, since each is shared out over
@@ -130,6 +133,12 @@ class ModelMeter:
     def batches(self) -> list:
         return calibration_sample(self.tokenizer, self.calibration, self.examples)
 
+    @functools.cached_property
+    def held_out(self) -> TargetKL:
+        """The search objective, with the unpruned model's distributions computed once for every plan."""
+        batches = calibration_sample(self.tokenizer, self.calibration, self.examples, held_out=True)
+        return TargetKL(self.model, self.moe, batches)
+
     def __call__(self, kept: KeptSets, budget: Budget) -> torch.Tensor:
         key = ("costs", kept.fingerprint(), budget.top_k)
         if key not in self.measured:
@@ -145,6 +154,19 @@ class ModelMeter:
             )
         return self.measured[key]
 
+    def search_allocation(
+        self, kept: list[list[int]], scores: torch.Tensor, budget: Budget, limits: SearchLimits
+    ) -> tuple[list[list[int]], dict]:
+        """:data:`~moe_specialist.plan.SearchAllocation`: ``kept`` refined by
+        :func:`~moe_specialist.allocation_search.search_allocation` on the held-out sequences."""
+        started = time.monotonic()
+        objective = self.held_out
+        reference_seconds = time.monotonic() - started  # 0 once a plan of the sweep computed it
+        indices = [layer.layer_index for layer in self.moe.layers]
+        kept, trace = search_allocation(objective, kept, scores, budget, limits, indices)
+        measured_on = {"examples": objective.sequences, "target_tokens": objective.tokens}
+        return kept, {**trace, **measured_on, "reference_seconds": round(reference_seconds, 2)}
+
 
 def layer_cost_meter(
     model, moe: MoEModel, tokenizer, calibration: CalibrationArguments, examples: int, progress: bool = True
@@ -154,10 +176,22 @@ def layer_cost_meter(
     return ModelMeter(model, moe, tokenizer, calibration, examples, progress)
 
 
-def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: int) -> list:
-    """Batches of ``examples`` calibration sequences, spread over every direction and group."""
+def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: int, held_out: bool = False) -> list:
+    """Batches of ``examples`` calibration sequences, spread over every direction and group; ``held_out``: as many
+    (or all there are) spread over the sequences the first sample leaves out, so that a search is scored on other
+    tokens than the layer costs it starts from."""
     pairs, general = calibration_data(calibration)
     sequences = encode_calibration_data(tokenizer, pairs, general, calibration.calibration_max_length)
-    sequences = sequences[:: max(1, len(sequences) // examples)][:examples]
+    chosen = list(range(len(sequences)))[:: max(1, len(sequences) // examples)][:examples]
+    if held_out:
+        left = sorted(set(range(len(sequences))) - set(chosen))
+        if not left:
+            raise ConfigurationError(
+                f"The search allocation scores on calibration sequences the layer costs do not use, but all "
+                f"{len(sequences)} are among the sensitivity_examples={examples} sequences: raise "
+                "calibration_examples or lower sensitivity_examples."
+            )
+        chosen = left[:: max(1, len(left) // examples)][:examples]
+    sequences = [sequences[i] for i in chosen]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return list(calibration_batches(sequences, calibration.calibration_batch_size, pad_id))

@@ -52,15 +52,16 @@ class SweepArguments:
 
 def split_method(method: str, default_allocation: str) -> tuple[str, str]:
     """``criterion@allocation`` -> (criterion, allocation); a bare criterion takes the recipe's allocation."""
-    from moe_specialist.plan import ALLOCATIONS, CRITERIA
+    from moe_specialist.configs import ALLOCATION_NAMES
+    from moe_specialist.plan import CRITERIA
 
     criterion, _, allocation = method.partition("@")
     allocation = allocation or default_allocation
     if criterion not in CRITERIA:
         raise ConfigurationError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
-    if allocation not in ALLOCATIONS:
+    if allocation not in ALLOCATION_NAMES:
         raise ConfigurationError(
-            f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATIONS)}."
+            f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATION_NAMES)}."
         )
     return criterion, allocation
 

@@ -22,7 +22,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
 from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
-from moe_specialist.plan import PLAN_FILE, make_plan
+from moe_specialist.plan import PLAN_FILE, PrunePlan, make_plan, search_limits
 from moe_specialist.plots import plot_quality_curve
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import layer_cost_meter
@@ -81,6 +81,25 @@ class Sweep:
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
 
+    def plan(self, ratio: float, criterion: str, allocation: str, seed: int) -> PrunePlan:
+        return make_plan(
+            self.moe,
+            self.stats,
+            ratio,
+            criterion=criterion,
+            allocation=allocation,
+            groups=self.pruning.pruning_groups,
+            roles=self.pruning.pruning_roles,
+            top_k=self.pruning.pruning_top_k,
+            seed=seed,
+            measure_layer_costs=self.measure_layer_costs,
+            selection=self.pruning.pruning_selection,
+            selection_candidates=self.pruning.selection_candidates,
+            measure_kept_sets=self.measure_layer_costs.greedy_sets,
+            search_allocation=self.measure_layer_costs.search_allocation,
+            search=search_limits(self.pruning),
+        )
+
     def run_point(self, point: Point) -> dict:
         done = self.point_dir(point) / "result.json"
         if done.is_file():
@@ -89,24 +108,13 @@ class Sweep:
         self.point_dir(point).mkdir(parents=True)
         start = time.time()
         criterion, allocation = split_method(point.criterion, self.pruning.pruning_allocation)
-        plan = make_plan(
-            self.moe,
-            self.stats,
-            point.target_ratio,
-            criterion=criterion,
-            allocation=allocation,
-            groups=self.pruning.pruning_groups,
-            roles=self.pruning.pruning_roles,
-            top_k=self.pruning.pruning_top_k,
-            seed=point.seed,
-            measure_layer_costs=self.measure_layer_costs,
-            selection=self.pruning.pruning_selection,
-            selection_candidates=self.pruning.selection_candidates,
-            measure_kept_sets=self.measure_layer_costs.greedy_sets,
-        )
-        plan.save(self.point_dir(point) / PLAN_FILE)
-        if point.sft:  # the same architecture as the point without SFT, which always runs first
+        if point.sft:  # the plan of the point without SFT, which always runs first (a search may not repeat itself)
             pruned = self.run_point(replace(point, sft=False))
+            plan = PrunePlan.load(self.point_dir(replace(point, sft=False)) / PLAN_FILE)
+        else:
+            plan = self.plan(point.target_ratio, criterion, allocation, point.seed)
+        plan.save(self.point_dir(point) / PLAN_FILE)
+        if point.sft:
             parameters, size = pruned["parameters"], pruned["checkpoint_bytes"]
             training = self.sft(point, self.point_dir(point))
             scores, records = training["scores"]["end"], {"file": training["translations_file"]}
