@@ -144,6 +144,11 @@ def layer_modules(layer: MoELayer) -> list[nn.Module]:
     return [layer.block, layer.experts, *layer.router.modules()]
 
 
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-byte float tensor (FP8 weights kept quantized) viewed as uint8: torch has no ``index_copy_`` for it."""
+    return tensor.view(torch.uint8) if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
 @torch.no_grad()
 def remap_layer(
     layer: MoELayer, slots: list[int | None], fill: Callable[[ExpertTensor], float] = lambda t: 0.0
@@ -157,7 +162,8 @@ def remap_layer(
         shape = [len(slots) if d == t.dim else size for d, size in enumerate(old.shape)]
         new = torch.full(shape, fill(t), dtype=old.dtype, device=old.device)
         index = torch.tensor(taken, dtype=torch.long, device=old.device)
-        new.index_copy_(t.dim, index, old.index_select(t.dim, torch.tensor(sources, device=old.device)))
+        kept = old.index_select(t.dim, torch.tensor(sources, device=old.device))
+        _bytes(new).index_copy_(t.dim, index, _bytes(kept))
         _replace_tensor(t.module, t.name, new)
     _set_counts(layer_modules(layer), layer.num_experts, len(slots), COUNT_ATTRIBUTES)
     layer.num_experts = len(slots)

@@ -19,7 +19,8 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
 
 from moe_specialist.architectures import COUNT_FIELDS, find_moe
 from moe_specialist.plan import PrunePlan
@@ -28,6 +29,7 @@ from tests.real_layouts import (
     LAYER,
     LAYOUTS,
     build_checkpoint,
+    build_model_config,
     dequantize_fp8,
     dequantize_mxfp4,
     read_checkpoint,
@@ -216,3 +218,31 @@ def test_a_model_pruned_in_memory_saves_and_reloads(source, tmp_path, request):
     prune_model(pruned, make_plan(model, COUNTS[layout.name][0]))
     save_pruned_model(pruned, tmp_path / "saved")
     assert torch.equal(logits(load_pruned_model(tmp_path / "saved").eval(), INPUT), logits(pruned, INPUT))
+
+
+def test_a_model_kept_in_fp8_prunes_each_experts_scales_with_its_weights():
+    """On a GPU transformers keeps DeepSeek-V3's experts in FP8 (``FP8Experts``: e4m3 weights and float32
+    ``*_scale_inv`` blocks, expert dim first). Its forward needs a GPU; the pruned tensors are compared here."""
+    layout = LAYOUTS["deepseek-v3"]
+    model = AutoModelForCausalLM.from_config(build_model_config(layout))
+    model = replace_with_fp8_linear(model, quantization_config=FineGrainedFP8Config(), pre_quantized=True)
+    model.to_empty(device="cpu")  # the FP8 modules are created empty, on the meta device
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    plan = make_plan(model, COUNTS[layout.name][0])
+    prune_model(model, plan)
+    for layer in find_moe(model).layers:
+        kept = plan.kept_experts[layer.layer_index]
+        experts = {f"{layer.experts_path}.{name}" for name in ("gate_up_proj", "down_proj")}
+        scales = {f"{name}_scale_inv" for name in experts}
+        assert experts | scales <= {t.path for t in layer.tensors} and layer.experts.num_experts == len(kept)
+        for t in layer.tensors:
+            assert (
+                t.tensor.dtype
+                == before[t.path].dtype
+                == (torch.float8_e4m3fn if t.path in experts else t.tensor.dtype)
+            )
+            assert torch.equal(t.tensor.view(torch.uint8), before[t.path][kept].view(torch.uint8)), t.path
