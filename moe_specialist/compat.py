@@ -88,3 +88,12 @@ def trainer_metrics(trainer, mode: str) -> dict[str, list[float]]:
     """The lists ``SFTTrainer.log`` averages into each log entry of ``mode`` ("train" or "eval") and then clears;
     TRL has no public way to add a metric."""
     return trainer._metrics[mode]
+
+
+def transformers_mxfp4_dequantize(blocks, scales, dtype):
+    """transformers' own dequantization of GPT-OSS's MXFP4 expert tensors (what a load with
+    ``Mxfp4Config(dequantize=True)`` runs): the reference :func:`moe_specialist.mxfp4.dequantize_mxfp4` must equal
+    bit for bit, kept callable here so that a change on either side shows."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)

@@ -13,6 +13,7 @@ from moe_specialist.compat import (
     log_as_evaluation,
     original_key_names,
     trainer_metrics,
+    transformers_mxfp4_dequantize,
     zero3_init_disabled,
 )
 from tests.tiny_models import tiny_model
@@ -114,3 +115,14 @@ def test_load_balancing_loss_is_the_models_own_aux_loss(model_type):
     out = model(input_ids=input_ids, attention_mask=attention, output_router_logits=True)
     assert out.aux_loss is not None
     torch.testing.assert_close(load_balancing_loss(model.config, out.router_logits, attention), out.aux_loss)
+
+
+def test_transformers_mxfp4_dequantize_keeps_its_values_and_layout():
+    """Byte 0x9A of row 1 holds codes 10 (-1.0, low nibble) and 9 (-0.5); scale 126 halves them; rows turn columns."""
+    blocks = torch.zeros(1, 2, 1, 16, dtype=torch.uint8)
+    scales = torch.tensor([[[127], [126]]], dtype=torch.uint8)
+    blocks[0, 1, 0, 3] = 0x9A
+    out = transformers_mxfp4_dequantize(blocks, scales, torch.bfloat16)
+    expected = torch.zeros(1, 32, 2, dtype=torch.bfloat16)
+    expected[0, 6, 1], expected[0, 7, 1] = -0.5, -0.25
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected), "transformers' MXFP4 conversion changed"
