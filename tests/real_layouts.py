@@ -293,8 +293,9 @@ def _store_mxfp4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# Not quantized in DeepSeek-V3's checkpoint: embeddings, the LM heads, norms, the router and its bias.
-_FP8_EXCLUDED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|mlp\.gate)\.weight$")
+# Not quantized in DeepSeek-V3's checkpoint: embeddings, the LM heads, norms, the router and its bias, and the
+# multi-token-prediction layer's eh_proj (vLLM's DeepSeek MTP module reads it as a plain bf16 nn.Linear).
+_FP8_EXCLUDED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|mlp\.gate|eh_proj)\.weight$")
 
 
 def _store_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -322,6 +323,7 @@ class Layout:
     shard_pattern: str  # the Hub's shard file names, formatted with (index, last index)
     first_shard: int  # gpt-oss-20b numbers its shards from 0 (model-00000-of-00002 ... -00002-of-00002)
     moe_keys: tuple[str, ...]  # every tensor of an MoE layer's block on the Hub (regexes after the layer prefix)
+    attention_keys: tuple[str, ...]  # and every other tensor of that decoder layer (attention, norms)
     per_expert_rows: str  # the keys (regex) whose dim 0 has one row per routed expert, outside experts.{i}
     store: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = staticmethod(lambda tensors: tensors)
     mtp: bool = False  # DeepSeek-V3's multi-token-prediction layer follows the last decoder layer
@@ -338,6 +340,10 @@ class Layout:
 
 
 _QWEN_STYLE = (r"mlp\.gate\.weight", r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
+_NORMS = r"(input|post_attention)_layernorm\.weight"
+_QK_NORMED = (_NORMS, r"self_attn\.[qkvo]_proj\.weight", r"self_attn\.[qk]_norm\.weight")
+# Outside the decoder layers (and DeepSeek-V3's multi-token-prediction layer), in every layout.
+TOP_LEVEL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 LAYOUTS = {
     "gpt-oss-20b": Layout(
         name="gpt-oss-20b",
@@ -362,6 +368,7 @@ LAYOUTS = {
             r"mlp\.router\.(weight|bias)",
             r"mlp\.experts\.(gate_up|down)_proj_(blocks|scales|bias)",
         ),
+        attention_keys=(_NORMS, r"self_attn\.[qkvo]_proj\.(weight|bias)", r"self_attn\.sinks"),
         per_expert_rows=r"mlp\.(router\.(weight|bias)|experts\.\w+)$",
         store=_store_mxfp4,
     ),
@@ -386,6 +393,7 @@ LAYOUTS = {
         shard_pattern="model-{:05d}-of-{:05d}.safetensors",
         first_shard=1,
         moe_keys=_QWEN_STYLE,
+        attention_keys=_QK_NORMED,
         per_expert_rows=r"mlp\.gate\.weight$",
     ),
     "olmoe-1b-7b-0924": Layout(
@@ -406,6 +414,7 @@ LAYOUTS = {
         shard_pattern="model-{:05d}-of-{:05d}.safetensors",
         first_shard=1,
         moe_keys=_QWEN_STYLE,
+        attention_keys=_QK_NORMED,
         per_expert_rows=r"mlp\.gate\.weight$",
     ),
     "deepseek-v3": Layout(
@@ -437,6 +446,11 @@ LAYOUTS = {
             r"mlp\.experts\.\d+\.(gate|up|down)_proj\.(weight|weight_scale_inv)",
             r"mlp\.shared_experts\.(gate|up|down)_proj\.(weight|weight_scale_inv)",
         ),
+        attention_keys=(
+            _NORMS,
+            r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)\.(weight|weight_scale_inv)",
+            r"self_attn\.(q_a|kv_a)_layernorm\.weight",
+        ),
         per_expert_rows=r"mlp\.gate\.(weight|e_score_correction_bias)$",
         store=_store_fp8,
         mtp=True,
@@ -456,6 +470,7 @@ LAYOUTS = {
         shard_pattern="model-{:05d}-of-{:05d}.safetensors",
         first_shard=1,
         moe_keys=(r"block_sparse_moe\.gate\.weight", r"block_sparse_moe\.experts\.\d+\.w[123]\.weight"),
+        attention_keys=(_NORMS, r"self_attn\.[qkvo]_proj\.weight"),
         per_expert_rows=r"block_sparse_moe\.gate\.weight$",
     ),
 }

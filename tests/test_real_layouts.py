@@ -28,6 +28,7 @@ from moe_specialist.prune import load_pruned_model, prune_checkpoint, prune_mode
 from tests.real_layouts import (
     LAYER,
     LAYOUTS,
+    TOP_LEVEL_KEYS,
     build_checkpoint,
     build_model_config,
     dequantize_fp8,
@@ -124,14 +125,23 @@ def test_the_fixture_has_the_hub_layout(source):
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == layout.shard_names()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    moe = find_moe(model)
-    for layer in moe.layer_indices:
-        block = [
-            k for k in tensors if k.startswith(f"model.layers.{layer}.") and re.search(r"\.(mlp|block_sparse)", k)
-        ]
-        patterns = [re.compile(LAYER + p + "$") for p in layout.moe_keys]
-        assert block and all(any(p.match(k) for p in patterns) for k in block), block
-        assert all(any(p.match(k) for k in block) for p in patterns)
+    assert {k for k in tensors if not k.startswith("model.layers.")} == set(TOP_LEVEL_KEYS)
+    patterns = [re.compile(LAYER + p + "$") for p in layout.moe_keys + layout.attention_keys]
+    for layer in find_moe(model).layer_indices:
+        keys = [k for k in tensors if k.startswith(f"model.layers.{layer}.")]
+        assert all(any(p.match(k) for p in patterns) for k in keys), keys
+        assert all(any(p.match(k) for k in keys) for p in patterns)
+    if layout.mtp:  # DeepSeek-V3's multi-token-prediction layer: a decoder layer and six tensors of its own
+        mtp = f"model.layers.{layout.tiny['num_hidden_layers']}."
+        own = {k.removeprefix(mtp) for k in tensors if k.startswith(mtp) and not any(p.match(k) for p in patterns)}
+        assert own == {
+            "embed_tokens.weight",
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+        }
 
 
 def test_transformers_dequantizes_the_quantized_fixtures_as_the_reference_does(source):
