@@ -6,15 +6,17 @@ bytes of the materialized model, before and after :func:`~moe_specialist.prune.p
 stated model of the runtime, meant to tell a run that cannot fit from one that can, not to predict the last GiB:
 
 - weights: ``dtype_bytes`` per parameter (bf16: 2). Buffers (rotary tables, score-correction biases) are left out.
-- optimizer (AdamW): under DeepSpeed (ZeRO stage >= 1) an fp32 master copy plus ``exp_avg`` and ``exp_avg_sq``, 12
-  bytes per trainable parameter, partitioned over the ranks; without DeepSpeed (DDP, one GPU) the moments are kept in
-  the parameters' dtype (2 x the weight bytes), with no master copy.
-- gradients: ``dtype_bytes`` per trainable parameter, partitioned at stage >= 2; otherwise whole on every rank and
-  counted twice (the gradients and DDP's all-reduce buckets).
+- optimizer (AdamW) and gradients under DeepSpeed, as DeepSpeed's own estimators count them
+  (``estimate_zero2/3_model_states_mem_needs``): per trainable parameter an fp32 master copy, ``exp_avg`` and
+  ``exp_avg_sq`` (12 bytes) and an fp32 gradient (4 bytes), partitioned over the ranks, plus under ZeRO-2 the bf16
+  gradients (2 bytes, partitioned); without DeepSpeed (DDP, or one process) the AdamW moments take the parameters'
+  dtype (2 x the weight bytes, no master copy) and the gradients are whole on every rank, twice over with more
+  than one process (the gradients and DDP's all-reduce buckets).
 - LoRA adapters: counted by PEFT itself on the meta model; PEFT keeps them in fp32 (4 bytes) unless DeepSpeed casts
   the module to the training dtype.
-- ZeRO-3 gathers two units at a time (the one running and the one prefetched); a unit is a decoder layer (the sparse
-  MoE blocks are ZeRO-3 leaf modules, gathered whole) or a tensor outside the layers (embedding, LM head).
+- ZeRO-3 gathers two units at a time (the one running and the one prefetched: DeepSpeed's own ``4 x largest layer``
+  bytes); a unit is a decoder layer (the sparse MoE blocks are ZeRO-3 leaf modules, gathered whole) or a tensor
+  outside the layers (embedding, LM head).
 - activations, per token of ``per_device_train_batch_size x max_length``: one layer's working set is
   ``ACTIVATION_HIDDEN_MULTIPLE x hidden + top_k x expert width`` values (residual stream copies, norms, q/k/v/o,
   router logits, the MoE gather/scatter buffers; an expert's width is its parameters per hidden unit, 3 x its
@@ -22,11 +24,19 @@ stated model of the runtime, meant to tell a run that cannot fit from one that c
   dtype and fp32. With gradient checkpointing every layer keeps its input (``layers x tokens x hidden``) and one layer
   is recomputed with its gradients (2 working sets); without it every layer keeps its working set. The logits cost
   ``LOGIT_BYTES_TRAIN`` per token and vocabulary entry (bf16 logits, fp32 log-softmax and its gradient), a live
-  teacher's ``LOGIT_BYTES_INFER`` more.
+  teacher's ``LOGIT_BYTES_INFER`` more. Shared experts, dense MLPs and latent attention get no term of their own:
+  without checkpointing the estimate is 0.79-1.15 x what autograd saves for the backward pass on Qwen3-MoE,
+  GPT-OSS (eager), OLMoE and DeepSeek-V3 (tests/test_memory.py).
 - measure (calibration, sensitivity, teacher logits): a forward pass of the unpruned model without gradients over
   ``measure_batch_size x measure_max_length`` tokens: one working set and the logits (``LOGIT_BYTES_INFER``).
-- eval (translation generation): a KV cache of ``generation_batch_size x (max_length + max_new_tokens)`` positions in
-  every layer (sliding windows not shortened: an upper bound), one prefill working set, last-position fp32 logits.
+- eval (translation generation): on top of the training state (the optimizer state stays allocated between steps)
+  and a live teacher, a KV cache of ``generation_batch_size x (max_length + max_new_tokens)`` positions in every layer
+  (prompts bounded by ``max_length``, sliding windows not shortened: an upper bound), one prefill working set and
+  last-position fp32 logits.
+- a live teacher: the unpruned model on the GPUs (partitioned like the student under ZeRO-3) and its logits; today
+  it is first a copy in host memory, made before pruning. Precomputed teacher logits cost nothing beyond measuring.
+- host staging: the largest tensor as held in memory (fused experts: an upper bound of a checkpoint's per-expert
+  tensors); a checkpoint shard is ``shard_bytes`` (default ``DEFAULT_SHARD_BYTES``) or the pruned model if smaller.
 - every process: ``HOST_RUNTIME_BYTES`` of host memory (Python, torch, the CUDA libraries, tokenizer and data) and
   ``GPU_RUNTIME_BYTES`` of GPU memory (CUDA context, NCCL and cuBLAS buffers, allocator slack).
 
@@ -307,12 +317,12 @@ def estimate_memory(
     counts = kept_counts(unpruned, experts_after if experts_after is not None else pruning_ratio)
     before = model_size(unpruned)
     after = model_size(pruned_structure(config, counts), peft_config if training == "lora" else None)
-    plan = _Plan(
+    rank = _RankMemory(
         before, after, shape, num_processes, zero_stage, training, dtype_bytes, teacher,
         per_device_train_batch_size, max_length, gradient_checkpointing, load_mode, eager_attention,
     )  # fmt: skip
     measure_tokens = (measure_batch_size or per_device_train_batch_size, measure_max_length or max_length)
-    phases = plan.phases(measure, measure_tokens, (generation_batch_size, max_new_tokens), shard_bytes)
+    phases = rank.phases(measure, measure_tokens, (generation_batch_size, max_new_tokens), shard_bytes)
     settings = {
         "pruning_ratio": round(1 - sum(counts.values()) / sum(before.experts_per_layer.values()), 6),
         "num_processes": num_processes,
@@ -334,7 +344,7 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _RankMemory:
     """The arithmetic of :func:`estimate_memory`, one method per quantity."""
 
     before: ModelSize
@@ -377,7 +387,8 @@ class _Plan:
         adapters = self.after.lora * own
         weights = self.weights(self.after) + (_per_rank(adapters, self.ranks) if self.stage == 3 else adapters)
         if self.stage is None:
-            return {"weights": weights, "gradients": 2 * n * own, "optimizer": 2 * n * own}
+            copies = 2 if self.ranks > 1 else 1  # DDP's all-reduce buckets next to the gradients
+            return {"weights": weights, "gradients": copies * n * own, "optimizer": 2 * n * own}
         gradient_bytes = FP32_GRADIENT_BYTES + (self.b if self.stage == 2 else 0)
         return {
             "weights": weights,
@@ -575,15 +586,17 @@ def _knobs(estimate: MemoryEstimate, phase: Phase, resource: str) -> list[str]:
 
 def available_memory(local_processes: int | None = None) -> tuple[int | None, int | None]:
     """(host, GPU) bytes one rank can use: the host's available memory shared by the processes on this node
-    (``LOCAL_WORLD_SIZE`` unless given), and the free memory of this rank's GPU; None where it cannot be read (no
-    ``/proc/meminfo``, no GPU), so that check is skipped."""
+    (``LOCAL_WORLD_SIZE`` unless given), and the free memory of this rank's GPU (``LOCAL_RANK``, as accelerate
+    places it); None where it cannot be read (no ``/proc/meminfo``, no GPU), so that check is skipped."""
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     host = None
     if MEMINFO.is_file():
         for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 host = int(line.split()[1]) * 1024 // local
-    gpu = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())[0]
     return host, gpu
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.errors import ConfigurationError
@@ -97,15 +97,17 @@ def test_router_only_trains_the_pruned_routers():
 
 
 def test_ddp_optimizer_state_and_gradients_are_what_adamw_allocates():
-    """Without DeepSpeed the AdamW moments take the bf16 parameters' dtype; DDP doubles the gradients (buckets)."""
+    """Without DeepSpeed the AdamW moments take the bf16 parameters' dtype; DDP doubles the gradients (its buckets)."""
     model, config, counts = pruned_tiny("qwen3_moe", UNIFORM)
     optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
     model(torch.tensor([[5, 17, 42, 7]]), labels=torch.tensor([[5, 17, 42, 7]])).loss.backward()
     optimizer.step()
     moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    train = estimate_memory(config, experts_after=counts).phase("train").gpu
-    assert train["optimizer"] == moments and train["gradients"] == 2 * gradients
+    alone = estimate_memory(config, experts_after=counts).phase("train").gpu
+    assert alone["optimizer"] == moments and alone["gradients"] == gradients
+    ddp = estimate_memory(config, experts_after=counts, num_processes=2).phase("train").gpu
+    assert ddp["optimizer"] == moments and ddp["gradients"] == 2 * gradients
 
 
 @pytest.mark.parametrize("processes", [1, 8])
@@ -232,3 +234,37 @@ def test_estimate_for_run_reads_a_recipe(tmp_path):
         per_device_train_batch_size=8, max_length=512, gradient_checkpointing=True, load_mode="pruned_on_disk",
         measure_batch_size=8, measure_max_length=512, generation_batch_size=16, max_new_tokens=256,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3"])
+def test_activations_match_what_autograd_saves_for_the_backward_pass(model_type):
+    """Without checkpointing the estimate is within 20% of the tensors autograd saves (weights left out); with it
+    the forward saves less than the estimate, which adds the recomputed layer and the logits' gradients."""
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config(model_type, hidden_size=256)  # 97 tokens: the layers dominate, not the logits
+    eager = model_type == "gpt_oss"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if eager else "sdpa")
+    model = model.to(torch.bfloat16).train()
+    ids = torch.randint(3, 97, (2, 128), generator=torch.Generator().manual_seed(0))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        saved: dict[int, int] = {}
+
+        def pack(tensor, saved=saved):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(ids, labels=ids)
+        measured = sum(n for pointer, n in saved.items() if pointer not in weights)
+        estimate = estimate_memory(
+            config, pruning_ratio=0.0, per_device_train_batch_size=2, max_length=128,
+            gradient_checkpointing=checkpointing, eager_attention=eager,
+        ).phase("train").gpu["activations"]  # fmt: skip
+        if checkpointing:
+            assert measured < estimate
+        else:
+            assert 0.75 < estimate / measured < 1.25
