@@ -97,3 +97,30 @@ def transformers_mxfp4_dequantize(blocks, scales, dtype):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+
+
+@contextmanager
+def saved_without_quantized_loading(model: nn.Module):
+    """Within the block, ``model.save_pretrained`` writes the architecture's unquantized original format even when
+    transformers dequantized ``model`` from an MXFP4 or FP8 checkpoint while loading it.
+
+    ``save_pretrained`` writes a model through the reverse of the conversions it was loaded with
+    (``model._weight_conversions``), the dequantizing ones included, although the dequantized model no longer has a
+    quantizer or a ``quantization_config``: transformers 5.23 then writes GPT-OSS's bf16 experts under the MXFP4
+    names (``*_blocks``, no ``*_scales``), which reload as missing and randomly initialised, and fails on
+    DeepSeek-V3's FP8 ("Undefined Operation encountered!"). Those conversions are set aside for the block, so that
+    transformers falls back to the architecture's own (as for a model built from a config).
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    dequantized = not getattr(model, "is_quantized", False) and any(
+        type(operation).__name__.endswith("Dequantize")
+        for conversion in conversions or ()
+        for operation in getattr(conversion, "operations", ())
+    )
+    if dequantized:
+        model._weight_conversions = None
+    try:
+        yield
+    finally:
+        if dequantized:
+            model._weight_conversions = conversions

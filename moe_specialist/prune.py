@@ -47,7 +47,7 @@ from moe_specialist.architectures import (
     text_config,
 )
 from moe_specialist.checkpoint_config import CONFIG_FILE, finish_config, source_config_file
-from moe_specialist.compat import causal_lm_class_for
+from moe_specialist.compat import causal_lm_class_for, saved_without_quantized_loading
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import (
     INDEX_FILE,
@@ -290,7 +290,8 @@ def save_pruned_model(
     ``tokenizer``).
     """
     with staging_dir(output_dir, overwrite, protected) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        with saved_without_quantized_loading(model):
+            model.save_pretrained(tmp, state_dict=state_dict)
         finish_config(tmp, source_config_file(getattr(model, "name_or_path", None)))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
