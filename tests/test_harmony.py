@@ -93,7 +93,9 @@ def test_trl_labels_exactly_the_translation_and_its_end_token(tokenizer, tmp_pat
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model = tiny_model("gpt_oss", vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=0)
+    model = tiny_model(
+        "gpt_oss", vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id
+    )
     args = SFTConfig(
         output_dir=str(tmp_path), max_length=512, completion_only_loss=True, report_to=[], use_cpu=True, max_steps=1
     )
