@@ -11,6 +11,7 @@ from moe_specialist import mxfp4
 from moe_specialist.compat import transformers_mxfp4_dequantize
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.mxfp4 import dequantize_mxfp4, dequantize_state_dict
+from tests.tiny_models import tiny_model
 
 SAME_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -64,26 +65,28 @@ def test_every_core_whatever_the_thread_count(monkeypatch):
     assert workers == [len(os.sched_getaffinity(0))]
 
 
-def test_a_checkpoints_pairs_become_the_weights():
-    gate_up, down = random_mxfp4(2, 6, 1), random_mxfp4(2, 4, 2, seed=1)
-    bias = torch.ones(2, 6)
+def test_a_checkpoints_pairs_become_the_weights_gpt_oss_loads():
+    """A GPT-OSS layer as a checkpoint stores it (H 64, I 96: gate_up blocks [E, 2I, H/32, 16], down [E, H, I/32, 16])
+    becomes tensors of exactly the shapes transformers' GPT-OSS module takes."""
+    model = tiny_model("gpt_oss", intermediate_size=96)
+    prefix = "model.layers.0.mlp.experts."
+    gate_up, down = random_mxfp4(8, 192, 2), random_mxfp4(8, 64, 3, seed=1)
+    bias = model.state_dict()[prefix + "gate_up_proj_bias"]
     tensors = {
-        "model.layers.0.mlp.experts.gate_up_proj_blocks": gate_up[0],
-        "model.layers.0.mlp.experts.gate_up_proj_scales": gate_up[1],
-        "model.layers.0.mlp.experts.gate_up_proj_bias": bias,
-        "model.layers.0.mlp.experts.down_proj_scales": down[1],
-        "model.layers.0.mlp.experts.down_proj_blocks": down[0],
+        prefix + "gate_up_proj_blocks": gate_up[0],
+        prefix + "gate_up_proj_scales": gate_up[1],
+        prefix + "gate_up_proj_bias": bias,
+        prefix + "down_proj_scales": down[1],
+        prefix + "down_proj_blocks": down[0],
     }
-    out = dequantize_state_dict(tensors)
-    assert list(out) == [
-        "model.layers.0.mlp.experts.gate_up_proj",
-        "model.layers.0.mlp.experts.gate_up_proj_bias",
-        "model.layers.0.mlp.experts.down_proj",
-    ]
-    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj"], dequantize_mxfp4(*gate_up))
-    assert torch.equal(out["model.layers.0.mlp.experts.down_proj"], dequantize_mxfp4(*down))
-    assert out["model.layers.0.mlp.experts.gate_up_proj_bias"] is bias
-    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    out = dequantize_state_dict(tensors, torch.float32)
+    assert list(out) == [prefix + "gate_up_proj", prefix + "gate_up_proj_bias", prefix + "down_proj"]
+    assert out[prefix + "gate_up_proj_bias"] is bias
+    assert model.load_state_dict(out, strict=False).unexpected_keys == []  # shapes checked by torch
+    experts = model.model.layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_proj, dequantize_mxfp4(*gate_up, torch.float32))
+    assert torch.equal(experts.down_proj, dequantize_mxfp4(*down, torch.float32))
+    del tensors[prefix + "down_proj_scales"]
     with pytest.raises(ConfigurationError, match=r"down_proj_blocks has no model.layers.0.mlp.experts.down_proj_sc"):
         dequantize_state_dict(tensors)
 
