@@ -60,8 +60,13 @@ def evaluate_translations(
     max_new_tokens: int = 256,
     no_repeat_ngram_size: int = 0,
     progress: bool = True,
+    synced_gpus: bool = False,
 ) -> dict:
-    """Translate every direction's examples and score them; the dict is what ``scores.json`` holds."""
+    """Translate every direction's examples and score them; the dict is what ``scores.json`` holds.
+
+    ``synced_gpus``: every rank keeps stepping until all ranks are done, as generation with ZeRO-3 partitioned
+    weights needs (each forward gathers one module at a time, collectively).
+    """
     if not examples or not all(examples.values()):
         raise ConfigurationError("Nothing to evaluate: every direction needs at least one example.")
     start = time.time()
@@ -76,6 +81,7 @@ def evaluate_translations(
             no_repeat_ngram_size=no_repeat_ngram_size,
             progress=progress,
             desc=f"translate {name}",
+            synced_gpus=synced_gpus,
         )
         directions[name] = score_direction(hypotheses, items)
     return {

@@ -127,10 +127,15 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None):
+def load_from_arguments(
+    model_args, trust_remote_code: bool, source: str | None = None, device=None, load_onto=None
+):
     """The model and tokenizer a recipe's model arguments describe (dtype, revision, attention implementation);
-    ``source`` (a resolved path) replaces ``model_name_or_path``."""
+    ``source`` (a resolved path) replaces ``model_name_or_path``. ``load_onto`` (a device) loads the weights straight
+    there (``device_map``), never holding the whole model in host memory; ``device`` moves it after a host load."""
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if load_onto is not None:
+        extra["device_map"] = {"": str(load_onto)}
     return load_model_and_tokenizer(
         source or model_args.model_name_or_path,
         model_args.dtype,

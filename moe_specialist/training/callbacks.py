@@ -34,6 +34,7 @@ from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import summarize_moe
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import PruneReport, prune_model
+from moe_specialist.training.on_disk import PrunedSource
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class RunContext:
     training_args: Any  # moe_specialist.training.configs.SFTConfig
     plan: PrunePlan | None = None
     eval_examples: dict[str, list[ParallelExample]] = field(default_factory=dict)
+    pruned_source: PrunedSource | None = None  # prune_mode: disk
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -149,15 +151,18 @@ class PruningOutcome:
 class PruningCallback(TrainerCallback):
     """Prune the model with ``plan`` in ``on_init_end`` (or earlier through :meth:`prune`, e.g. before PEFT wrapping).
 
-    Every rank prunes its whole copy identically (the pipeline makes one plan for all ranks). Every rank records the
-    shapes and a checksum of its expert tensors after pruning and after training in ``output_dir/ranks/rank-<i>.json``.
+    Every rank prunes its whole copy identically (the pipeline makes one plan for all ranks). With ``prune_mode:
+    disk`` the model was loaded already pruned from ``pruned_source`` (:mod:`moe_specialist.training.on_disk`): the
+    callback then only reports what that pruning did. Every rank records the shapes and a checksum of its expert
+    tensors after pruning and after training in ``output_dir/ranks/rank-<i>.json``.
     """
 
     name = "expert_pruning"
 
-    def __init__(self, plan: PrunePlan, output_dir: str | Path):
+    def __init__(self, plan: PrunePlan, output_dir: str | Path, pruned_source: PrunedSource | None = None):
         self.plan = plan
         self.output_dir = Path(output_dir)
+        self.pruned_source = pruned_source
         self.moe: MoEModel | None = None
         self.outcome: PruningOutcome | None = None
         self._record: dict = {}
@@ -168,13 +173,48 @@ class PruningCallback(TrainerCallback):
             raise ConfigurationError(
                 "expert_pruning needs a prune plan (moe_specialist.training.pipeline makes one from the recipe)."
             )
-        return cls(context.plan, context.training_args.output_dir)
+        return cls(context.plan, context.training_args.output_dir, context.pruned_source)
 
     def prune(self, model: torch.nn.Module, optimizer=None, when: str = "direct call") -> PruneReport:
-        """Prune ``model`` in place with the plan; idempotent. ``when`` (the Trainer event or pipeline step) is
-        recorded with the rank's fingerprint."""
+        """Prune ``model`` in place with the plan (or adopt the pruned source it was loaded from); idempotent.
+        ``when`` (the Trainer event or pipeline step) is recorded with the rank's fingerprint."""
         if self.outcome is not None:
             return self.outcome.report
+        self.moe = moe = find_moe(model)
+        if self.pruned_source is not None:
+            source = self.pruned_source
+            self.outcome = PruningOutcome(
+                self.plan, source.report, source.summary_before, source.summary_after, source.routing, source.seconds
+            )
+        else:
+            self.outcome = self._prune_in_memory(model, moe, optimizer)
+        state = PartialState()
+        report = self.outcome.report
+        if state.is_main_process:
+            logger.info(
+                "Pruned%s: actual_ratio %.4f of routed experts removed (target_ratio %s); experts kept per MoE layer "
+                "%s (top-k %d -> %d); parameters %s -> %s total, %s -> %s active per token.",
+                f" on disk ({self.pruned_source.path})" if self.pruned_source is not None else "",
+                report.actual_ratio,
+                self.plan.metadata.get("target_ratio"),
+                dict(report.experts_after),
+                report.top_k_before,
+                report.top_k_after,
+                f"{report.parameters_before['total']:,}",
+                f"{report.parameters_after['total']:,}",
+                f"{report.parameters_before['active']:,}",
+                f"{report.parameters_after['active']:,}",
+            )
+        self._record = {
+            "rank": state.process_index,
+            "world_size": state.num_processes,
+            "pruned": {"when": when, "experts_per_layer": self.outcome.summary_after["experts_per_layer"]}
+            | expert_fingerprint(moe),
+        }
+        atomic_write_json(self._record, _rank_record_path(self.output_dir, state.process_index))
+        return report
+
+    def _prune_in_memory(self, model: torch.nn.Module, moe: MoEModel, optimizer) -> PruningOutcome:
         if optimizer is not None:
             raise LaunchError(
                 "An optimizer already exists, so pruning now would leave the new expert tensors out of it and they "
@@ -192,37 +232,13 @@ class PruningCallback(TrainerCallback):
             raise LaunchError(
                 "The model's parameters are already partitioned by DeepSpeed ZeRO-3 (it was loaded under zero.Init), "
                 "so whole expert tensors are not available to prune. Load the model before the DeepSpeed config is "
-                "active (moe_specialist.training.pipeline.load_model does), or prune the checkpoint offline with "
-                "`moe-specialist prune` and train the pruned checkpoint."
+                "active (moe_specialist.training.pipeline.load_model does), or use prune_mode: disk."
             )
         start = time.time()
-        state = PartialState()
-        self.moe = moe = find_moe(model)
         before = summarize_moe(moe)
         report = prune_model(model, self.plan, moe)
-        after = summarize_moe(moe)
-        self.outcome = PruningOutcome(self.plan, report, before, after, moe.routing, round(time.time() - start, 2))
-        if state.is_main_process:
-            logger.info(
-                "Pruned: actual_ratio %.4f of routed experts removed (target_ratio %s); experts kept per MoE layer "
-                "%s (top-k %d -> %d); parameters %s -> %s total, %s -> %s active per token.",
-                report.actual_ratio,
-                self.plan.metadata.get("target_ratio"),
-                dict(report.experts_after),
-                report.top_k_before,
-                report.top_k_after,
-                f"{report.parameters_before['total']:,}",
-                f"{report.parameters_after['total']:,}",
-                f"{report.parameters_before['active']:,}",
-                f"{report.parameters_after['active']:,}",
-            )
-        self._record = {
-            "rank": state.process_index,
-            "world_size": state.num_processes,
-            "pruned": {"when": when, "experts_per_layer": after["experts_per_layer"]} | expert_fingerprint(moe),
-        }
-        atomic_write_json(self._record, _rank_record_path(self.output_dir, state.process_index))
-        return report
+        seconds = round(time.time() - start, 2)
+        return PruningOutcome(self.plan, report, before, summarize_moe(moe), moe.routing, seconds)
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.prune(model, optimizer=optimizer, when="on_init_end")
@@ -262,9 +278,11 @@ class EvaluationOutcome:
 class TranslationEvalCallback(TrainerCallback):
     """chrF++ / BLEU of greedy translations of the eval directions, computed on all ranks and logged by the trainer.
 
-    Scoring is :func:`moe_specialist.evaluate.evaluate_translations` (each rank translates its share) under
-    ``unwrap_model_for_generation`` (which gathers ZeRO-3 parameters), so every rank logs the same values. The W&B
-    table of samples is written on rank 0 only.
+    Scoring is :func:`moe_specialist.evaluate.evaluate_translations` (each rank translates its share), so every
+    rank logs the same values. Under ZeRO-3 the model is never gathered whole: each forward gathers one module (a
+    sparse-MoE block is one leaf) and releases it, the ranks stepping together (``synced_gpus``). Gathering the whole
+    model for generation, on top of the optimizer state, is what ran an unpruned 30B model out of GPU memory at the
+    step-0 score. The W&B table of samples is written on rank 0 only.
     """
 
     name = "translation_eval"
@@ -312,10 +330,14 @@ class TranslationEvalCallback(TrainerCallback):
         from trl.models.utils import unwrap_model_for_generation
 
         trainer = self.trainer
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:  # gathers ZeRO-3
+        partitioned = is_zero3_partitioned(trainer.model)
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=False
+        ) as model:
             scored = evaluate_translations(
-                model, trainer.processing_class, self.examples, **self.decoding_kwargs, progress=False
-            )
+                model, trainer.processing_class, self.examples, **self.decoding_kwargs, progress=False,
+                synced_gpus=partitioned,
+            )  # fmt: skip
         outcome = self.outcome
         outcome.records = {name: scores.pop("records") for name, scores in scored["directions"].items()}
         outcome.decoding = scored["decoding"]

@@ -105,6 +105,9 @@ class DataArguments(EvalDataArguments):
         )
 
 
+PRUNE_MODES = ("memory", "disk")
+
+
 @dataclass
 class SFTConfig(trl.SFTConfig, GenerationArguments):
     """``trl.SFTConfig`` plus the pipeline's knobs (open-r1 style: every field is a recipe key and a CLI flag).
@@ -112,6 +115,20 @@ class SFTConfig(trl.SFTConfig, GenerationArguments):
     The decoding knobs of every score (``max_new_tokens``, ``generation_batch_size``, ``no_repeat_ngram_size``) are
     those of :class:`~moe_specialist.configs.GenerationArguments`, shared with ``moe-specialist evaluate``.
     """
+
+    # Where the experts are removed (moe_specialist.training.on_disk)
+    prune_mode: str = field(
+        default="memory",
+        metadata={
+            "help": "memory (every rank loads the whole model and prunes it in on_init_end) | disk (plan with the "
+            "unpruned model on each rank's device, rank 0 prunes the checkpoint on disk once into "
+            "output_dir/pruned_source, every rank loads only that; ZeRO-3 partitions it while it loads)."
+        },
+    )
+    check_memory: bool = field(
+        default=True,
+        metadata={"help": "Estimate host and GPU memory per rank before loading and refuse a run that cannot fit."},
+    )
 
     # Which callbacks the run uses (registry names, see moe_specialist.training.callbacks.CALLBACKS)
     callbacks: list[str] = field(
@@ -220,6 +237,13 @@ class SFTConfig(trl.SFTConfig, GenerationArguments):
         if self.train_router_only and self.freeze_router:
             raise ConfigurationError("train_router_only and freeze_router contradict each other: choose one.")
         self.check_recovery()
+        if self.prune_mode not in PRUNE_MODES:
+            raise ConfigurationError(f"prune_mode must be one of {', '.join(PRUNE_MODES)}, got {self.prune_mode!r}.")
+        if self.prune_mode == "disk" and "expert_pruning" not in self.callbacks:
+            raise ConfigurationError(
+                "prune_mode disk prunes the checkpoint with the run's plan, but `callbacks` has no expert_pruning: "
+                "add it, or drop prune_mode to train the model as it is."
+            )
         check_minimum(self, 0, "mt_eval_num_samples_table")
         if self.max_steps < -1:
             raise ConfigurationError(

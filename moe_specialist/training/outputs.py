@@ -182,6 +182,7 @@ def results_record(
         "training": {
             "recovery": training_args.recovery,
             "progressive_ratios": training_args.progressive_ratios,
+            "prune_mode": training_args.prune_mode,
             "global_step": trainer.state.global_step,
             "resumed_from": setup.checkpoint,
             "trainable": trainable,

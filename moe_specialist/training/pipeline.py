@@ -25,6 +25,7 @@ of them; rank 0 alone writes files and talks to W&B):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -42,9 +43,9 @@ from moe_specialist.compat import zero3_init_disabled
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.models import load_from_arguments, resolve_model_path
+from moe_specialist.models import load_config, load_from_arguments, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, PrunePlan, plan_for
-from moe_specialist.prune import load_pruned_model, router_aux_loss_applies
+from moe_specialist.prune import load_pruned_model, router_aux_loss_applies, structure_from_config
 from moe_specialist.sensitivity import layer_cost_meter
 from moe_specialist.stats import RoutingStats
 from moe_specialist.training.callbacks import (
@@ -56,6 +57,13 @@ from moe_specialist.training.callbacks import (
     register_zero3_leaf_modules,
 )
 from moe_specialist.training.configs import DataArguments, SFTConfig
+from moe_specialist.training.on_disk import (
+    PrunedSource,
+    free_memory,
+    load_pruned_source,
+    measuring_model,
+    prune_source_once,
+)
 from moe_specialist.training.outputs import (
     recipe_config,
     results_record,
@@ -239,16 +247,34 @@ def plan_pruning(
     return plan
 
 
-def load_teacher(model, model_args, training_args):
+def plan_before_loading(
+    model_args, calibration_args, pruning_args, training_args, stats: RoutingStats | None, timer
+) -> PrunePlan:
+    """``prune_mode: disk``: the plan before the model the run trains loads. Unless the plan is given (a file, or a
+    resumed run's), the unpruned model is loaded onto each rank's device to measure, then freed."""
+    if pruning_args.prune_plan:
+        config = load_config(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+        model, tokenizer = structure_from_config(config).model, None  # weightless: the plan is only validated
+    else:
+        with timer("load_model"):
+            model, tokenizer = measuring_model(model_args, training_args)
+    plan = plan_pruning(model, tokenizer, model_args, calibration_args, pruning_args, training_args, stats, timer)
+    del model
+    free_memory()
+    return plan
+
+
+def load_teacher(model, model_args, training_args, pruned_source: PrunedSource | None = None):
     """The teacher model a distillation recovery needs besides the student, loaded before pruning: None for plain
     SFT, for precomputed logits that exist, and for logits still to compute (the model computes them itself just
     before it is pruned); else ``teacher_model_name_or_path``, or a copy of the model about to be pruned (a live
-    teacher, or LoRA, whose model is pruned before the trainer exists)."""
+    teacher, or LoRA, whose model is pruned before the trainer exists). With ``prune_mode: disk`` the model is pruned
+    already: the teacher is loaded from the source checkpoint, partitioned while it loads under ZeRO-3."""
     if not training_args.uses_teacher or teacher_logits_ready(training_args):
         return None
-    if training_args.teacher_model_name_or_path:
-        with zero3_init_disabled():
-            source = resolve_model_path(training_args.teacher_model_name_or_path)
+    if training_args.teacher_model_name_or_path or pruned_source is not None:
+        source = resolve_model_path(training_args.teacher_model_name_or_path or model_args.model_name_or_path)
+        with zero3_init_disabled() if pruned_source is None else contextlib.nullcontext():
             teacher, _ = load_from_arguments(model_args, training_args.trust_remote_code, source=source)
         return teacher
     if training_args.teacher_logits and not model_args.use_peft:
@@ -343,24 +369,34 @@ def run(
         training_args, recipe_config(model_args, data_args, calibration_args, pruning_args, training_args)
     )
     try:
+        # prune_mode disk: the plan first (the unpruned model measured on each device), the checkpoint pruned on
+        # disk once, then only the pruned model loads
+        plan = pruned_source = None
+        if training_args.prune_mode == "disk":
+            plan = plan_before_loading(model_args, calibration_args, pruning_args, training_args, stats, timer)
+            pruned_source = prune_source_once(model_args, plan, setup.output_dir)
+
         # Model and data
         with timer("load_model"):
-            model, tokenizer = load_model(model_args, training_args)
+            if pruned_source is not None:
+                model, tokenizer = load_pruned_source(pruned_source, model_args, training_args)
+            else:
+                model, tokenizer = load_model(model_args, training_args)
         router_settings = prepare_model(model, training_args)
-        teacher = load_teacher(model, model_args, training_args)
+        teacher = load_teacher(model, model_args, training_args, pruned_source)
         with timer("load_data"):
             train_examples, eval_examples = load_data(data_args, training_args, needs_eval_examples(training_args))
             datasets = sft_datasets(tokenizer, train_examples, eval_examples, training_args)
 
-        # Routing statistics and the prune plan
-        plan = None
-        if PruningCallback.name in training_args.callbacks:
+        # Routing statistics and the prune plan (prune_mode memory)
+        if plan is None and PruningCallback.name in training_args.callbacks:
             plan = plan_pruning(
                 model, tokenizer, model_args, calibration_args, pruning_args, training_args, stats, timer
             )
 
         # Trainer (expert_pruning prunes in on_init_end, before the optimizer exists)
-        callbacks = get_callbacks(training_args.callbacks, RunContext(training_args, plan, eval_examples))
+        context = RunContext(training_args, plan, eval_examples, pruned_source)
+        callbacks = get_callbacks(training_args.callbacks, context)
         moe = find_moe(model)  # before PEFT wraps the experts
         uneven_counts = plan is not None and not router_aux_loss_applies(plan.experts_after(moe))
         with timer("build_trainer"):

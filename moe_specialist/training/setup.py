@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # The run directory: what a run writes there (an overwrite removes exactly these, see clear_previous_run)
 RESULTS_FILE = "results.json"
 MODEL_DIR = "model"
+PRUNED_SOURCE_DIR = "pruned_source"  # prune_mode: disk
 TRANSLATIONS_FILE = "translations.json"
 
 
@@ -104,7 +105,9 @@ def resolve_checkpoint(training_args) -> str | None:
     return str(value)
 
 
-RUN_ARTEFACTS = (MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", TRAINER_STATE_NAME, "README.md")
+RUN_ARTEFACTS = (
+    MODEL_DIR, RESULTS_FILE, TRANSLATIONS_FILE, PLAN_FILE, "ranks", TRAINER_STATE_NAME, "README.md", PRUNED_SOURCE_DIR,
+)  # fmt: skip
 
 
 def clear_previous_run(output_dir: Path) -> None:

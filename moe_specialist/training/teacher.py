@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from moe_specialist.errors import ConfigurationError, MissingInputError
 from moe_specialist.io import atomic_write_json
+from moe_specialist.training.callbacks import is_zero3_partitioned
 from moe_specialist.training.recovery import add_compact_lm_head, generalized_jsd, top_k_forward_kl
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,11 @@ class TeacherSetup(TrainerCallback):
         logger.info("Computing the teacher's top-%d logits into %s (once; later runs reuse them).",
                     args.teacher_top_k, args.teacher_logits)  # fmt: skip
         add_compact_lm_head(model)  # a no-op for the student, which has it already
-        if next(model.parameters()).device != args.device:  # as for calibration: the Trainer has not placed it yet
+        if is_zero3_partitioned(model):  # prune_mode disk: the source model, partitioned as it loaded
+            from trl.models import prepare_deepspeed
+
+            model = prepare_deepspeed(model, self.trainer.accelerator)
+        elif next(model.parameters()).device != args.device:  # as for calibration: the Trainer has not placed it
             logger.info("Moving the model to %s to compute the teacher logits.", args.device)
             model.to(args.device)
         was_training = model.training
