@@ -275,11 +275,18 @@ def _router_of(parent: nn.Module, where: str) -> tuple[str, nn.Module]:
     raise UnsupportedArchitectureError(f"No router ('gate' or 'router') next to the experts of {where}.")
 
 
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The tensor's shape, also when DeepSpeed ZeRO-3 has partitioned it (each rank then holds an empty ``shape``
+    and the whole one in ``ds_shape``), so that MoE layers are found in a model loaded under ``zero.Init``."""
+    return torch.Size(getattr(tensor, "ds_shape", tensor.shape))
+
+
 def _slot_dim(tensor: torch.Tensor, num_experts: int, path: str) -> int:
-    dims = [d for d, size in enumerate(tensor.shape) if size == num_experts]
+    shape = full_shape(tensor)
+    dims = [d for d, size in enumerate(shape) if size == num_experts]
     if len(dims) != 1:
         raise UnsupportedArchitectureError(
-            f"Cannot tell which dimension of {path} {tuple(tensor.shape)} indexes the {num_experts} experts."
+            f"Cannot tell which dimension of {path} {tuple(shape)} indexes the {num_experts} experts."
         )
     return dims[0]
 
@@ -291,14 +298,15 @@ def _router_tensors(router: nn.Module, router_path: str, num_experts: int) -> li
             if tensor is None:
                 continue
             path = ".".join(p for p in (router_path, module_name, name) if p)
-            if name == "weight" and tensor.ndim == 2:
-                if tensor.shape[0] != num_experts:
+            shape = full_shape(tensor)
+            if name == "weight" and len(shape) == 2:
+                if shape[0] != num_experts:
                     raise UnsupportedArchitectureError(
-                        f"The router {path} has {tensor.shape[0]} rows for {num_experts} experts (extra 'zero' or "
+                        f"The router {path} has {shape[0]} rows for {num_experts} experts (extra 'zero' or "
                         "sentinel experts); pruning it is not supported."
                     )
                 tensors.append(ExpertTensor(module, name, path, 0))
-            elif num_experts in tensor.shape:
+            elif num_experts in shape:
                 tensors.append(ExpertTensor(module, name, path, _slot_dim(tensor, num_experts, path)))
     return tensors
 
@@ -325,7 +333,7 @@ def _fused_layer(path: str, experts: nn.Module, modules: dict[str, nn.Module]) -
     tensors = [
         ExpertTensor(experts, name, f"{path}.{name}", 0)
         for name, tensor in list(experts.named_parameters(recurse=False)) + list(experts.named_buffers(recurse=False))
-        if tensor is not None and tensor.ndim >= 1 and tensor.shape[0] == num_experts
+        if tensor is not None and len(full_shape(tensor)) >= 1 and full_shape(tensor)[0] == num_experts
     ]
     tensors += _router_tensors(router, router_path, num_experts)
     tensors += _block_tensors(block, parent_path, num_experts)
@@ -350,7 +358,7 @@ def _llama4_layer(path: str, block: nn.Module) -> MoELayer:
     tensors = [
         ExpertTensor(experts, name, f"{path}.experts.{name}", 0)
         for name, tensor in experts.named_parameters(recurse=False)
-        if tensor.shape[0] == num_experts
+        if full_shape(tensor)[0] == num_experts
     ]
     tensors += _router_tensors(router, f"{path}.router", num_experts)
     return MoELayer(

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from moe_specialist.architectures import find_moe
-from moe_specialist.prune import load_pruned_model
+from moe_specialist.plan import PrunePlan
+from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.training import parse_recipe, run
 from moe_specialist.training.callbacks import expert_fingerprint
 
@@ -160,3 +161,33 @@ def test_two_process_distillation(config, tiny_translator, tmp_path):
     assert [e["step"] for e in logged] == [1, 2] and all(e["kd"] > 0 and e["ce"] > 0 for e in logged)
     results = json.loads((output_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["training"]["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_zero3_prune_on_disk(tiny_translator, single_process_scores, tmp_path):
+    """prune_mode disk under ZeRO-3: calibration with the unpruned model on each rank, the checkpoint pruned on disk
+    once by rank 0, every rank loading only the pruned model, partitioned as it loads (zero.Init); the precomputed
+    teacher logits come from the source model, also loaded partitioned. Step-0 scores are generated without
+    gathering the model and equal the single-process, in-memory ones."""
+    output_dir = tmp_path / "zero3-disk"
+    flags = ("--prune_mode", "disk", "--recovery", "kd", "--teacher_logits", str(tmp_path / "teacher"))
+    done, seconds = launch("zero3", tiny_translator, output_dir, *flags, "--report_to", "none")
+    assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    assert done.stdout.count("on disk into") == 1  # rank 0 alone prunes
+    records = [json.loads((output_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    plan = json.loads((output_dir / "prune_plan.json").read_text())
+    reference = load_pruned_model(tiny_translator)
+    prune_model(reference, PrunePlan.from_dict(plan))
+    for record in records:
+        assert record["pruned"]["zero3_partitioned"] is True  # loaded partitioned: no rank held it whole
+        assert record["pruned"]["sha256"] == expert_fingerprint(find_moe(reference))["sha256"]
+        assert record["trained"]["sha256"] != record["pruned"]["sha256"]
+    assert records[0]["trained"]["sha256"] == records[1]["trained"]["sha256"]
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["training"]["prune_mode"] == "disk" and results["training"]["global_step"] == 2
+    assert results["scores"]["start"]["directions"] == single_process_scores["directions"]
+    teacher = json.loads((tmp_path / "teacher" / "teacher_logits.json").read_text())
+    assert teacher["teacher"] == str(tiny_translator) and len(teacher["parts"]) == 2
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert all(e["kd"] > 0 for e in state["log_history"] if "kd" in e)
+    assert find_moe(load_pruned_model(output_dir / "model")).experts_per_layer == {i: 4 for i in range(4)}

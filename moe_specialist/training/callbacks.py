@@ -25,7 +25,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
-from moe_specialist.architectures import MoEModel, Routing, find_moe
+from moe_specialist.architectures import MoEModel, Routing, find_moe, full_shape
 from moe_specialist.compat import log_as_evaluation
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.errors import ConfigurationError, LaunchError
@@ -86,9 +86,8 @@ def expert_fingerprint(moe: MoEModel) -> dict:
     for layer in moe.layers:
         for t in layer.tensors:
             tensor = t.tensor
-            sharded = hasattr(tensor, "ds_id")
-            partitioned |= sharded
-            shape = tuple(tensor.ds_shape if sharded else tensor.shape)
+            partitioned |= hasattr(tensor, "ds_id")
+            shape = tuple(full_shape(tensor))
             positions = fingerprint_positions(torch.Size(shape).numel(), layer.num_experts)
             values = _sampled(tensor, shape, positions)
             shapes[t.path] = list(shape)
