@@ -4,7 +4,8 @@
 checkpoint). :func:`write_safetensors` needs only each tensor's dtype and shape up front, and then writes the tensors
 one by one: a :class:`SourceTensor` (a tensor of another safetensors file, whole or only some indices along one
 dimension) is copied file to file by the kernel (``os.copy_file_range``) without passing through this process, and a
-:class:`ComputedTensor` (made by a function when its turn comes, e.g. a dequantized tensor) holds only itself.
+:class:`ComputedTensor` (made by a function when its turn comes, e.g. dequantized from source tensors read with
+:meth:`SourceTensor.read`) holds only itself and its inputs.
 
 The file has the layout ``save_file`` gives: tensors sorted by descending dtype (safetensors' own dtype order, which
 puts the widest types first so that each tensor's data is aligned to its element size) then by name, compact JSON,
@@ -196,6 +197,24 @@ class SourceTensor:
     def write_to(self, out: int) -> None:
         for offset, length in self.ranges():
             copy_range(self.source.fileno(), out, offset, length)
+
+    def read(self) -> torch.Tensor:
+        """The tensor (kept indices only) in memory: the input of a :class:`ComputedTensor` that transforms it."""
+        dtype = DTYPES[self.dtype][1]
+        if dtype is None:
+            raise ValueError(f"torch has no dtype for the safetensors dtype {self.dtype}.")
+        data = bytearray(byte_size(self.dtype, self.shape))
+        position = 0
+        for offset, length in self.ranges():
+            end = position + length
+            while position < end:
+                read = os.preadv(self.source.fileno(), [memoryview(data)[position:end]], offset)
+                if read == 0:
+                    raise ValueError(f"the file ends before byte {offset + end - position}")
+                position, offset = position + read, offset + read
+        if not data:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(self.shape)
 
 
 @dataclass(frozen=True)

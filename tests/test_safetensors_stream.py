@@ -125,6 +125,17 @@ def test_slices_read_only_the_kept_indices(source, tmp_path):
             assert torch.equal(f.get_tensor(name), expected), name
 
 
+def test_a_source_tensor_reads_its_kept_indices_into_memory(source):
+    """What a ComputedTensor transforming a source entry (e.g. dequantizing it) starts from."""
+    path, tensors = source
+    infos, _ = read_header(path)
+    with open(path, "rb") as f:
+        assert torch.equal(SourceTensor(f, infos["experts"], (3, 0), 0).read(), tensors["experts"][[3, 0]])
+        assert torch.equal(SourceTensor(f, infos["router"], (4, 1), 1).read(), tensors["router"][:, [4, 1]])
+        assert torch.equal(SourceTensor(f, infos["blocks"]).read(), tensors["blocks"])
+        assert SourceTensor(f, infos["blocks"], (), 0).read().shape == (0, 6)
+
+
 def test_without_copy_file_range_the_bytes_pass_through_memory(source, tmp_path, monkeypatch):
     def unsupported(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
