@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import AutoConfig
 from trl import get_peft_config
 
-from moe_specialist.memory import GIB, LOAD_MODES, estimate_for_run
+from moe_specialist.memory import GIB, PRUNE_MODES, estimate_for_run
 from moe_specialist.training import parse_recipe
 from tests.test_real_models import GPT_OSS_20B, QWEN3_30B_A3B
 
@@ -75,13 +75,13 @@ def recipe_estimates(name: str, config_fields: dict, own_setup: str, workdir: Pa
     for setup in setups:
         processes, stage = SETUPS[setup]
         for ratio in RATIOS:
-            for load_mode in LOAD_MODES:
+            for prune_mode in PRUNE_MODES:
                 estimate = estimate_for_run(
-                    config, ratio, training_args, processes, load_mode,
+                    config, ratio, training_args, processes, prune_mode,
                     zero_stage=stage, peft_config=get_peft_config(model_args), calibration_args=calibration_args,
                     attn_implementation=model_args.attn_implementation,
                 )  # fmt: skip
-                yield setup, ratio, load_mode, estimate
+                yield setup, ratio, prune_mode, estimate
 
 
 def cell(host: int, gpu: int) -> str:
@@ -98,8 +98,8 @@ def markdown(rows: dict[str, list]) -> str:
         "gradient checkpointing, per-device batch x 512 tokens, generation batch 16 x (512 + 256) tokens). `zero3` "
         "is 8 processes under `accelerate_configs/zero3.yaml`, `zero2` 8 under `zero2.yaml`, `1 GPU` one process "
         "without DeepSpeed. Fits: peak GPU within an H100 80GB (79.6 GiB); host memory is not judged (nodes differ). "
-        "`whole_per_rank` is today's path (every rank loads the unpruned model in host memory, prunes it, and under "
-        "ZeRO-3 gathers the whole model on every GPU to generate); `pruned_on_disk` the new one (measure on the GPU, "
+        "`memory` is today's path (every rank loads the unpruned model in host memory, prunes it, and under "
+        "ZeRO-3 gathers the whole model on every GPU to generate); `disk` the new one (measure on the GPU, "
         "prune on disk on rank 0, load only the pruned model, partitioned at load under ZeRO-3, generate on "
         "partitioned weights). The assumptions behind every number are in the docstring of "
         "`moe_specialist/memory.py`. OLMoE's config.json is written from knowledge of "
@@ -108,14 +108,13 @@ def markdown(rows: dict[str, list]) -> str:
         "",
         "## Peak per rank",
         "",
-        "| recipe | setup | ratio | parameters | whole_per_rank host / GPU | fits "
-        "| pruned_on_disk host / GPU | fits |",
+        "| recipe | setup | ratio | parameters | memory host / GPU | fits | disk host / GPU | fits |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, items in rows.items():
         by_key = {(setup, ratio, mode): e for setup, ratio, mode, e in items}
         for setup, ratio in dict.fromkeys((s, r) for s, r, _, _ in items):
-            today, new = by_key[setup, ratio, "whole_per_rank"], by_key[setup, ratio, "pruned_on_disk"]
+            today, new = by_key[setup, ratio, "memory"], by_key[setup, ratio, "disk"]
             out.append(
                 f"| {name} | {setup} | {ratio:g} | {today.after.total / 1e9:.2f}B | "
                 f"{cell(today.peak_host_bytes, today.peak_gpu_bytes)} | {fits(today)} | "
@@ -125,8 +124,8 @@ def markdown(rows: dict[str, list]) -> str:
         "",
         "## Per phase (host / GPU GiB per rank)",
         "",
-        "Phases in the order each load mode runs them: `whole_per_rank` load (unpruned, host), measure, prune (in "
-        "memory), train, eval; `pruned_on_disk` measure, prune (on disk, rank 0's host), load (pruned), train, eval.",
+        "Phases in the order each load mode runs them: `memory` load (unpruned, host), measure, prune (in "
+        "memory), train, eval; `disk` measure, prune (on disk, rank 0's host), load (pruned), train, eval.",
         "",
         f"| recipe | setup | ratio | load mode | {' | '.join(PHASES)} | peak |",
         f"|---|---|---|---|{'---|' * len(PHASES)}---|",

@@ -40,15 +40,15 @@ stated model of the runtime, meant to tell a run that cannot fit from one that c
 - every process: ``HOST_RUNTIME_BYTES`` of host memory (Python, torch, the CUDA libraries, tokenizer and data) and
   ``GPU_RUNTIME_BYTES`` of GPU memory (CUDA context, NCCL and cuBLAS buffers, allocator slack).
 
-Two ways to load and prune (``load_mode``):
+Two ways to load and prune (``prune_mode``):
 
-- ``whole_per_rank``: every rank loads the unpruned model in host memory, measures it on its GPU, prunes it there, and
-  DeepSpeed partitions (ZeRO-3) or replicates it; under ZeRO-3 the translation eval gathers the whole model on every
-  GPU, on top of the optimizer state.
-- ``pruned_on_disk``: every rank measures the unpruned model loaded straight to its GPU (host: one tensor at a time),
+- ``memory``: every rank loads the unpruned model in host memory, measures it on its GPU, prunes it there, and
+  DeepSpeed partitions (ZeRO-3) or replicates it.
+- ``disk``: every rank measures the unpruned model loaded straight to its GPU (host: one tensor at a time),
   rank 0 prunes the checkpoint on disk with a streaming writer (host: the largest tensor + ``STREAM_WRITER_SLACK``),
-  then every rank loads only the pruned model, partitioned at load time under ZeRO-3 (host: one checkpoint shard),
-  and the eval generates on partitioned weights, two units gathered at a time.
+  then every rank loads only the pruned model, partitioned at load time under ZeRO-3 (host: one checkpoint shard).
+
+In both, the translation eval generates on the partitioned weights under ZeRO-3, two units gathered at a time.
 
 :func:`estimate_memory` builds a :class:`MemoryEstimate` (``describe()`` renders it for logs);
 :func:`check_memory_fits` refuses a run whose phase does not fit, naming the knob to turn; :func:`available_memory`
@@ -70,7 +70,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.prune import structure_from_config, update_config
 
 GIB = 1024**3
-LOAD_MODES = ("whole_per_rank", "pruned_on_disk")
+PRUNE_MODES = ("memory", "disk")
 TRAINING_MODES = ("full", "lora", "router_only", "prune_only")
 TEACHERS = ("none", "live", "precomputed")
 
@@ -209,7 +209,7 @@ class MemoryEstimate:
         lines = [
             f"Memory per rank (estimate): {self.before.total / 1e9:.2f}B -> {self.after.total / 1e9:.2f}B "
             f"parameters, {s['num_processes']} processes, {stage}, {s['training']}, teacher {s['teacher']}, "
-            f"load_mode {s['load_mode']}",
+            f"prune_mode {s['prune_mode']}",
             f"{'phase':<8} {'host GiB':>9} {'GPU GiB':>8}  largest GPU parts",
         ]
         for p in self.phases:
@@ -284,7 +284,7 @@ def estimate_memory(
     per_device_train_batch_size: int = 1,
     max_length: int = 512,
     gradient_checkpointing: bool = True,
-    load_mode: str = "whole_per_rank",
+    prune_mode: str = "memory",
     measure: bool = True,
     measure_batch_size: int | None = None,
     measure_max_length: int | None = None,
@@ -303,7 +303,7 @@ def estimate_memory(
     """
     _check_choice(training, TRAINING_MODES, "training")
     _check_choice(teacher, TEACHERS, "teacher")
-    _check_choice(load_mode, LOAD_MODES, "load_mode")
+    _check_choice(prune_mode, PRUNE_MODES, "prune_mode")
     if (pruning_ratio is None) == (experts_after is None):
         raise ConfigurationError("Give either pruning_ratio or experts_after (expert counts per MoE layer).")
     if zero_stage not in (None, 2, 3):
@@ -319,7 +319,7 @@ def estimate_memory(
     after = model_size(pruned_structure(config, counts), peft_config if training == "lora" else None)
     rank = _RankMemory(
         before, after, shape, num_processes, zero_stage, training, dtype_bytes, teacher,
-        per_device_train_batch_size, max_length, gradient_checkpointing, load_mode, eager_attention,
+        per_device_train_batch_size, max_length, gradient_checkpointing, prune_mode, eager_attention,
     )  # fmt: skip
     measure_tokens = (measure_batch_size or per_device_train_batch_size, measure_max_length or max_length)
     phases = rank.phases(measure, measure_tokens, (generation_batch_size, max_new_tokens), shard_bytes)
@@ -332,7 +332,7 @@ def estimate_memory(
         "per_device_train_batch_size": per_device_train_batch_size,
         "max_length": max_length,
         "gradient_checkpointing": gradient_checkpointing,
-        "load_mode": load_mode,
+        "prune_mode": prune_mode,
         "generation_batch_size": generation_batch_size,
     }
     return MemoryEstimate(tuple(phases), before, after, settings)
@@ -358,7 +358,7 @@ class _RankMemory:
     batch: int
     seq: int
     checkpointing: bool
-    load_mode: str
+    prune_mode: str
     eager: bool
 
     @property
@@ -421,16 +421,16 @@ class _RankMemory:
 
     def host_teacher_copy(self) -> dict[str, int]:
         """Today a live teacher is a copy of the unpruned model made in host memory before pruning."""
-        if self.teacher == "live" and self.load_mode == "whole_per_rank":
+        if self.teacher == "live" and self.prune_mode == "memory":
             return {"teacher copy": self.before.total * self.b}
         return {}
 
     def phases(self, measure: bool, measure_tokens: tuple[int, int], generation: tuple[int, int], shard: int):
         """The phases in the order a rank runs them."""
-        if self.load_mode == "whole_per_rank":
-            phases = self._whole_per_rank(measure, measure_tokens)
+        if self.prune_mode == "memory":
+            phases = self._in_memory(measure, measure_tokens)
         else:
-            phases = self._pruned_on_disk(measure, measure_tokens, shard)
+            phases = self._on_disk(measure, measure_tokens, shard)
         if self.training == "prune_only":
             state = {"weights": self.weights(self.after)}
         else:
@@ -450,7 +450,7 @@ class _RankMemory:
         logits = batch * seq * self.shape.vocab * LOGIT_BYTES_INFER
         return {"unpruned weights": self.before.total * self.b, "activations": working + logits}
 
-    def _whole_per_rank(self, measure: bool, measure_tokens: tuple[int, int]) -> list[Phase]:
+    def _in_memory(self, measure: bool, measure_tokens: tuple[int, int]) -> list[Phase]:
         unpruned = self.before.total * self.b
         copy = self.host_teacher_copy()
         phases = [
@@ -464,7 +464,7 @@ class _RankMemory:
         phases.append(Phase("prune", "in memory, on each GPU", _host(copy), _gpu(sliced)))
         return phases
 
-    def _pruned_on_disk(self, measure: bool, measure_tokens: tuple[int, int], shard: int) -> list[Phase]:
+    def _on_disk(self, measure: bool, measure_tokens: tuple[int, int], shard: int) -> list[Phase]:
         in_transit = self.before.largest_tensor * self.b
         phases = []
         if measure:
@@ -497,12 +497,8 @@ class _RankMemory:
             "prefill activations": s.working_set(batch, self.seq, self.b, self.eager)
             + batch * s.vocab * EVAL_LOGIT_BYTES,
         }
-        if self.stage == 3 and self.load_mode == "whole_per_rank":
-            generation["whole model gathered"] = self.after.total * self.b
-            what = "translation generation, the whole model gathered on every GPU"
-        else:
-            generation["ZeRO-3 gathered layers"] = self.gathered()
-            what = "translation generation" + (", on partitioned weights" if self.stage == 3 else "")
+        generation["ZeRO-3 gathered layers"] = self.gathered()
+        what = "translation generation" + (", on partitioned weights" if self.stage == 3 else "")
         return Phase("eval", what, _host({}), _gpu({**state, **self.teacher_weights(), **generation}))
 
 
@@ -538,7 +534,7 @@ def check_memory_fits(estimate: MemoryEstimate, host_bytes_available: int | None
 def _knobs(estimate: MemoryEstimate, phase: Phase, resource: str) -> list[str]:
     """The settings that shrink what does not fit, the most effective first."""
     s = estimate.settings
-    whole, stage, parts = s["load_mode"] == "whole_per_rank", s["zero_stage"], phase.gpu
+    whole, stage, parts = s["prune_mode"] == "memory", s["zero_stage"], phase.gpu
 
     def large(name: str) -> bool:
         return parts.get(name, 0) >= 0.15 * phase.gpu_bytes
@@ -546,7 +542,7 @@ def _knobs(estimate: MemoryEstimate, phase: Phase, resource: str) -> list[str]:
     knobs = []
     if resource == "host":
         if whole and phase.name in ("load", "measure", "prune"):
-            knobs.append("`load_mode: pruned_on_disk` (the unpruned model goes straight to the GPUs, pruned on disk)")
+            knobs.append("`prune_mode: disk` (the unpruned model goes straight to the GPUs, pruned on disk)")
         if s["teacher"] == "live" and whole:
             knobs.append("precomputed teacher logits (`teacher_logits: DIR`) instead of a live teacher copy")
         knobs.append("fewer processes on this node")
@@ -559,10 +555,6 @@ def _knobs(estimate: MemoryEstimate, phase: Phase, resource: str) -> list[str]:
         if large("activations"):
             knobs.append("a smaller `calibration_batch_size` or `calibration_max_length`")
         return knobs
-    if phase.name == "eval" and "whole model gathered" in parts:
-        knobs.append(
-            "`load_mode: pruned_on_disk` (generation on the partitioned weights, one layer gathered at a time)"
-        )
     if stage != 3 and s["training"] != "lora":
         knobs.append("`accelerate_configs/zero3.yaml` (weights, gradients and optimizer state partitioned)")
     if stage == 3:
@@ -606,7 +598,7 @@ def estimate_for_run(
     pruning: float | dict[int, int],
     training_args,
     num_processes: int,
-    load_mode: str,
+    prune_mode: str,
     *,
     zero_stage: int | None,
     peft_config=None,
@@ -645,7 +637,7 @@ def estimate_for_run(
         per_device_train_batch_size=training_args.per_device_train_batch_size,
         max_length=training_args.max_length,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
-        load_mode=load_mode,
+        prune_mode=prune_mode,
         measure=measure,
         measure_batch_size=batch,
         measure_max_length=seq,

@@ -147,37 +147,37 @@ def test_the_published_sizes_of_qwen3_30b_a3b_and_gpt_oss_20b():
     assert gpt_oss.after.experts_per_layer == dict.fromkeys(range(24), 16)
 
 
-def test_todays_path_holds_the_unpruned_model_in_host_memory_and_gathers_it_to_generate():
-    """What users saw: ~56 GiB of host memory per rank, 87-128 GiB per GPU to generate under ZeRO-3 unpruned."""
+def test_memory_mode_holds_the_unpruned_model_in_host_memory_and_no_mode_gathers_it_to_generate():
+    """What users saw: ~56 GiB of host memory per rank (prune_mode memory); generation under ZeRO-3 no longer gathers
+    the whole model on every GPU (it needed 87-128 GiB per GPU unpruned), in either mode."""
     config = AutoConfig.for_model(**QWEN3_30B_A3B)
     settings = dict(pruning_ratio=0.0, num_processes=8, zero_stage=3, per_device_train_batch_size=4, max_length=512)
-    today = estimate_memory(config, load_mode="whole_per_rank", **settings)
-    new = estimate_memory(config, load_mode="pruned_on_disk", **settings)
-    assert today.phase("load").host_bytes == HOST_RUNTIME_BYTES + today.before.total * 2
-    assert 87 <= today.phase("eval").gpu_bytes / GIB <= 128
-    assert new.peak_host_bytes < 8 * GIB
-    assert new.phase("eval").gpu_bytes < today.phase("eval").gpu_bytes - 50 * GIB
+    in_memory = estimate_memory(config, prune_mode="memory", **settings)
+    on_disk = estimate_memory(config, prune_mode="disk", **settings)
+    assert in_memory.phase("load").host_bytes == HOST_RUNTIME_BYTES + in_memory.before.total * 2
+    assert on_disk.peak_host_bytes < 8 * GIB
+    assert in_memory.phase("eval").gpu == on_disk.phase("eval").gpu
+    assert "whole model gathered" not in on_disk.phase("eval").gpu
+    assert on_disk.phase("eval").gpu_bytes < 75 * GIB
 
 
 def test_a_run_that_does_not_fit_is_refused_naming_the_phase_the_numbers_and_the_knob():
     config = AutoConfig.for_model(**QWEN3_30B_A3B)
     settings = dict(pruning_ratio=0.5, num_processes=8, zero_stage=3, teacher="precomputed")
-    today = estimate_memory(config, load_mode="whole_per_rank", per_device_train_batch_size=4, **settings)
+    today = estimate_memory(config, prune_mode="memory", per_device_train_batch_size=4, **settings)
     with pytest.raises(ConfigurationError) as error:
         check_memory_fits(today, 40 * GIB, 80 * GIB)
     assert str(error.value) == (
         "Not enough host memory for the load phase (the unpruned model in host memory): each rank needs 59.9 GiB "
         "(largest parts in GiB: unpruned weights 56.9; an estimate of moe_specialist.memory) but 40.0 GiB are "
         "available per rank. To fit: "
-        "`load_mode: pruned_on_disk` (the unpruned model goes straight to the GPUs, pruned on disk); fewer processes "
+        "`prune_mode: disk` (the unpruned model goes straight to the GPUs, pruned on disk); fewer processes "
         "on this node; or `--check_memory false` to skip this check."
     )
     unpruned = estimate_memory(config, **{**settings, "pruning_ratio": 0.0})
-    with pytest.raises(
-        ConfigurationError, match=r"the eval phase .* needs 1[12]\d\.\d GiB .*`load_mode: pruned_on_disk`"
-    ):
-        check_memory_fits(unpruned, 512 * GIB, 80 * GIB)
-    one_gpu = estimate_memory(config, pruning_ratio=0.5, load_mode="pruned_on_disk", teacher="precomputed")
+    with pytest.raises(ConfigurationError, match=r"GPU memory for the measure phase .*unless the plan, statistics"):
+        check_memory_fits(unpruned, 512 * GIB, 48 * GIB)
+    one_gpu = estimate_memory(config, pruning_ratio=0.5, prune_mode="disk", teacher="precomputed")
     with pytest.raises(ConfigurationError) as error:
         check_memory_fits(one_gpu, 512 * GIB, 80 * GIB)
     message = str(error.value)
@@ -190,12 +190,12 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_phase_the_numbers_and_the
 def test_describe_renders_every_phase_and_the_peak():
     estimate = estimate_memory(
         AutoConfig.for_model(**QWEN3_30B_A3B), pruning_ratio=0.5, num_processes=8, zero_stage=3,
-        load_mode="pruned_on_disk", teacher="precomputed", per_device_train_batch_size=4,
+        prune_mode="disk", teacher="precomputed", per_device_train_batch_size=4,
     )  # fmt: skip
     lines = estimate.describe().splitlines()
     assert lines[0] == (
         "Memory per rank (estimate): 30.53B -> 16.03B parameters, 8 processes, ZeRO-3, full, teacher precomputed, "
-        "load_mode pruned_on_disk"
+        "prune_mode disk"
     )
     assert [line.split()[0] for line in lines[2:]] == ["measure", "prune", "load", "train", "eval", "peak"]
     assert lines[-1].split() == [
@@ -228,10 +228,10 @@ def test_estimate_for_run_reads_a_recipe(tmp_path):
         ["--config", "recipes/olmoe-1b-7b/en-de/prune_sft.yaml", "--output_dir", str(tmp_path / "run")]
     )
     config = tiny_model("olmoe").config
-    estimate = estimate_for_run(config, 0.5, training, 8, "pruned_on_disk", zero_stage=2, calibration_args=calibration)
+    estimate = estimate_for_run(config, 0.5, training, 8, "disk", zero_stage=2, calibration_args=calibration)
     assert estimate == estimate_memory(
         config, pruning_ratio=0.5, num_processes=8, zero_stage=2, teacher="precomputed",
-        per_device_train_batch_size=8, max_length=512, gradient_checkpointing=True, load_mode="pruned_on_disk",
+        per_device_train_batch_size=8, max_length=512, gradient_checkpointing=True, prune_mode="disk",
         measure_batch_size=8, measure_max_length=512, generation_batch_size=16, max_new_tokens=256,
     )  # fmt: skip
 
