@@ -122,3 +122,27 @@ def test_results_say_where_the_pruned_source_is(tiny_translator, tmp_path):
     run_tiny(tiny_translator, output_dir, *SFT_FLAGS, "--prune_mode", "disk", "--max_steps", "0")
     saved = json.loads((output_dir / "results.json").read_text())
     assert saved["training"]["prune_mode"] == "disk"
+
+
+def test_the_memory_estimate_is_logged_and_a_run_that_cannot_fit_is_refused_before_loading(
+    tiny_translator, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="moe_specialist")
+    monkeypatch.setattr("moe_specialist.memory.available_memory", lambda: (10 * 2**20, None))  # 10 MiB of host
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the memory check")
+
+    monkeypatch.setattr("moe_specialist.training.pipeline.load_model", refuse)
+    with pytest.raises(ConfigurationError) as error:
+        run_tiny(tiny_translator, tmp_path / "run", *SFT_FLAGS)
+    message = str(error.value)
+    assert message.startswith("Not enough host memory for the load phase (the unpruned model in host memory)")
+    assert "`prune_mode: disk`" in message and "`--check_memory false` to skip this check" in message
+    assert "Memory per rank (estimate):" in caplog.text and "prune_mode memory" in caplog.text
+    assert not (tmp_path / "run").exists()  # refused before the output directory was made
+    results = run_tiny(tiny_translator, tmp_path / "run", *SFT_FLAGS, "--check_memory", "false", "--max_steps", "0",
+                       "--prune_mode", "disk")  # fmt: skip
+    assert results["training"]["prune_mode"] == "disk"

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers.trainer import TRAINER_STATE_NAME
@@ -18,7 +19,7 @@ from moe_specialist.configs import PruningArguments, check_calibration_data
 from moe_specialist.errors import ConfigurationError, LaunchError, MissingInputError, OutputExistsError
 from moe_specialist.io import check_not_an_input
 from moe_specialist.models import local_model_dirs
-from moe_specialist.plan import PLAN_FILE
+from moe_specialist.plan import PLAN_FILE, PrunePlan
 from moe_specialist.training.configs import SFTConfig
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,38 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
         )
 
 
+def check_run_memory(model_args, calibration_args, pruning_args, training_args, measure: bool) -> None:
+    """The memory estimate per rank (logged by rank 0), and a clear refusal of a run that cannot fit: before any
+    model loads. The expert counts are the plan's when it is given, else the target ratio's."""
+    from trl import get_peft_config
+
+    from moe_specialist.memory import available_memory, check_memory_fits, estimate_for_run
+    from moe_specialist.models import load_config, resolve_dtype
+
+    state = PartialState()
+    config = load_config(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    pruning: float | dict[int, int] = 0.0
+    if "expert_pruning" in training_args.callbacks:
+        pruning = pruning_args.pruning_ratio
+        if pruning_args.prune_plan:
+            from moe_specialist.prune import structure_from_config
+
+            pruning = PrunePlan.load(pruning_args.prune_plan).experts_after(structure_from_config(config))
+    dtype = resolve_dtype(model_args.model_name_or_path, model_args.dtype)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    estimate = estimate_for_run(
+        config, pruning, training_args, state.num_processes, training_args.prune_mode,
+        zero_stage=zero_stage(training_args), peft_config=get_peft_config(model_args),
+        calibration_args=calibration_args, attn_implementation=model_args.attn_implementation, measure=measure,
+        dtype_bytes=dtype.itemsize,
+    )  # fmt: skip
+    if state.is_main_process:
+        logger.info("%s", estimate.describe())
+    check_memory_fits(estimate, *available_memory())
+
+
 @dataclass
 class RunSetup:
     """What the checks decided: where the run writes, the checkpoint it resumes, the plan it replays."""
@@ -170,6 +203,9 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
         evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
         calibrate=calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan,
     )
+    if training_args.check_memory:
+        measure = calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
+        check_run_memory(model_args, calibration_args, pruning_args, training_args, measure)
     if os.environ.get("WANDB_SWEEP_ID"):
         training_args.output_dir = sweep_point_dir(training_args.output_dir, pruning_args, training_args.seed)
         training_args.run_name = training_args.run_name or Path(training_args.output_dir).name
