@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +58,6 @@ def _log_rest(top_logprobs: torch.Tensor) -> torch.Tensor:
 class _Reference:
     """The unpruned model's next-token distribution at the target positions of one batch."""
 
-    targets: torch.Tensor  # bool [batch, length - 1]: the next token is a target token
     top_logprobs: torch.Tensor  # [tokens, top]
     top_ids: torch.Tensor  # [tokens, top]
     log_rest: torch.Tensor  # [tokens]
@@ -87,7 +86,8 @@ class TargetKL:
             )
 
     @torch.no_grad()
-    def _logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, batch) -> torch.Tensor:
+        """``[target tokens, vocabulary]``: the model's next-token log-probabilities where the next is a target."""
         input_ids, attention, _, role_ids = batch
         was_training = self.model.training
         self.model.eval()
@@ -96,14 +96,14 @@ class TargetKL:
         ).logits
         self.model.train(was_training)
         targets = (role_ids == ROLES.index("target"))[:, 1:].to(self.device)  # padding is IGNORE
-        return logits[:, :-1][targets].float().log_softmax(-1), targets
+        return logits[:, :-1][targets].float().log_softmax(-1)
 
     def _reference(self, batch) -> _Reference:
-        logprobs, targets = self._logits(batch)
+        logprobs = self._logprobs(batch)
         top = logprobs.topk(min(REFERENCE_TOP, logprobs.shape[-1]), dim=-1)
         whole = top.values.shape[-1] == logprobs.shape[-1]  # no rest: the objective is the exact KL
         log_rest = torch.full_like(top.values[:, 0], -math.inf) if whole else _log_rest(top.values)
-        return _Reference(targets, top.values, top.indices, log_rest)
+        return _Reference(top.values, top.indices, log_rest)
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if rank_and_world()[1] > 1:
@@ -116,8 +116,7 @@ class TargetKL:
         total = 0.0
         with pruned(self.moe, kept, top_k):
             for batch, reference in zip(self.batches, self.references, strict=True):
-                logprobs, _ = self._logits(batch)
-                total += float(kl_sum(reference, logprobs))
+                total += float(kl_sum(reference, self._logprobs(batch)))
         return float(self._all_reduce(torch.tensor([total], dtype=torch.float64))) / self.tokens
 
 
@@ -130,13 +129,14 @@ def kl_sum(reference: _Reference, logprobs: torch.Tensor) -> torch.Tensor:
     return (kl + rest).sum()
 
 
-def pruned(moe: MoEModel, kept: Kept, top_k: int | None) -> ExitStack:
+@contextmanager
+def pruned(moe: MoEModel, kept: Kept, top_k: int | None):
     """Every layer pruned in place to its kept set (and a lowered ``top_k``) until the context exits."""
-    stack = ExitStack()
-    for layer, ids in zip(moe.layers, kept, strict=True):
-        if len(ids) < layer.num_experts or top_k is not None:
-            stack.enter_context(keeping_only(layer, list(ids), top_k))
-    return stack
+    with ExitStack() as stack:
+        for layer, ids in zip(moe.layers, kept, strict=True):
+            if len(ids) < layer.num_experts or top_k is not None:
+                stack.enter_context(keeping_only(layer, list(ids), top_k))
+        yield
 
 
 def _any_rank(flag: bool) -> bool:
@@ -166,6 +166,7 @@ class _Neighbourhood:
         return sorted(ids, key=lambda i: (self.scores[position][i], i))
 
     def propose(self, kept: Kept, rng: random.Random) -> tuple[Kept, dict] | None:
+        """A random move or swap from ``kept`` and its description for the trace (None: there is none)."""
         budget, step = self.budget, self.budget.n_group
         positions = range(len(kept))
         givers = [p for p in positions if len(kept[p]) - step >= budget.counts(p).start]
