@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, Mxfp4Config
 
 from moe_specialist.errors import ConfigurationError, MissingInputError
+from moe_specialist.mxfp4 import is_mxfp4
 from moe_specialist.prune import SNAPSHOT_IGNORE, SNAPSHOT_PATTERNS, load_pruned_model
 
 DEMO = "demo"
@@ -92,10 +93,7 @@ def load_model(
     ``from_pretrained``. MXFP4 checkpoints (GPT-OSS) are dequantized: pruning slices the expert tensors (and the
     serving export pads them), which must be plain tensors.
     """
-    config = load_config(name_or_path, revision, trust_remote_code)
-    quantization = getattr(config, "quantization_config", None) or {}
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-    if str(method).lower().endswith("mxfp4"):
+    if is_mxfp4(load_config(name_or_path, revision, trust_remote_code)):
         model_kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
     return load_pruned_model(
         resolve_model_path(name_or_path),
@@ -127,9 +125,7 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_from_arguments(
-    model_args, trust_remote_code: bool, source: str | None = None, device=None, load_onto=None
-):
+def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None, load_onto=None):
     """The model and tokenizer a recipe's model arguments describe (dtype, revision, attention implementation);
     ``source`` (a resolved path) replaces ``model_name_or_path``. ``load_onto`` (a device) loads the weights straight
     there (``device_map``), never holding the whole model in host memory; ``device`` moves it after a host load."""

@@ -30,6 +30,13 @@ BYTES_PER_GROUP = 16
 BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
 
 
+def is_mxfp4(config) -> bool:
+    """Whether a model config says its experts are stored in MXFP4 (GPT-OSS as published)."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return str(method).lower().endswith("mxfp4")
+
+
 @contextmanager
 def one_thread_per_core() -> Iterator[ThreadPoolExecutor]:
     """A pool of one worker per core this process may run on, each running torch ops single-threaded.

@@ -58,9 +58,11 @@ from moe_specialist.io import (
     staging_dir,
 )
 from moe_specialist.model_card import pruned_model_card, summarize_moe
+from moe_specialist.mxfp4 import BLOCKS_SUFFIX, SCALES_SUFFIX, dequantize_mxfp4, is_mxfp4
 from moe_specialist.per_layer_modeling import with_per_layer_experts
 from moe_specialist.plan import PLAN_FILE, PrunePlan
 from moe_specialist.safetensors_stream import (
+    ComputedTensor,
     SourceTensor,
     StreamedTensor,
     TensorInfo,
@@ -408,11 +410,31 @@ def _read_shard(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def _output_tensors(
-    source: BinaryIO, tensors: dict[str, TensorInfo], entries: list[PlannedEntry]
+    source: BinaryIO, tensors: dict[str, TensorInfo], entries: list[PlannedEntry], dequantize: bool = False
 ) -> dict[str, StreamedTensor]:
-    """The tensors of one output shard, by name, each to be copied from the open shard ``source`` when written (the
-    place to turn an entry into a :class:`~moe_specialist.safetensors_stream.ComputedTensor` instead)."""
-    return {e.key: SourceTensor(source, tensors[e.source], e.kept, e.dim) for e in entries}
+    """The tensors of one output shard, by name, each to be copied from the open shard ``source`` when written;
+    with ``dequantize``, each MXFP4 ``X_blocks`` / ``X_scales`` pair of kept experts becomes the bf16 ``X``, computed
+    when its turn comes (:func:`~moe_specialist.mxfp4.dequantize_mxfp4`)."""
+    planned = {e.key: SourceTensor(source, tensors[e.source], e.kept, e.dim) for e in entries}
+    if not dequantize:
+        return planned
+    out: dict[str, StreamedTensor] = {}
+    for key, tensor in planned.items():
+        stem = key.removesuffix(BLOCKS_SUFFIX).removesuffix(SCALES_SUFFIX)
+        if stem == key:
+            out[key] = tensor
+            continue
+        blocks, scales = planned.get(stem + BLOCKS_SUFFIX), planned.get(stem + SCALES_SUFFIX)
+        if blocks is None or scales is None:
+            raise ConfigurationError(
+                f"{key} has no {'scales' if scales is None else 'blocks'} in the same shard: this checkpoint cannot "
+                "be dequantized while it is pruned; prune it without dequantizing (prune_mode: memory)."
+            )
+        experts, rows, groups, _ = blocks.shape
+        out[stem] = ComputedTensor(
+            "BF16", (experts, groups * 32, rows), lambda b=blocks, s=scales: dequantize_mxfp4(b.read(), s.read())
+        )
+    return out
 
 
 def prune_checkpoint(
@@ -421,8 +443,11 @@ def prune_checkpoint(
     output_dir: str | Path,
     overwrite: bool = False,
     source_name: str | None = None,
+    dequantize: bool = False,
 ) -> dict:
-    """Rewrite a safetensors checkpoint tensor by tensor, with config, plan and card.
+    """Rewrite a safetensors checkpoint tensor by tensor, with config, plan and card; ``dequantize`` writes MXFP4
+    experts (GPT-OSS) in bf16, without the quantization config, so that every rank that loads the pruned checkpoint
+    skips dequantizing it (a no-op for other checkpoints).
 
     Each output shard is written header first, then tensor by tensor, copied file to file by the kernel
     (:mod:`moe_specialist.safetensors_stream`): only the kept experts' bytes are read, none passes through this
@@ -445,7 +470,7 @@ def prune_checkpoint(
             tensors, metadata = _read_shard(source)
             entries = [plan_entry(key, list(info.shape), plan.kept_experts, counts) for key, info in tensors.items()]
             with source.open("rb") as f:
-                out = _output_tensors(f, tensors, [e for e in entries if e is not None])
+                out = _output_tensors(f, tensors, [e for e in entries if e is not None], dequantize)
                 total_size += write_safetensors(target, out, {**metadata, "format": metadata.get("format", "pt")})
             weight_map.update(dict.fromkeys(out, shard))
         if (model_dir / INDEX_FILE).is_file():
@@ -455,6 +480,8 @@ def prune_checkpoint(
             )
         new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != meta_moe.top_k else None
         update_config(config, after, new_top_k)
+        if dequantize and is_mxfp4(config):
+            del config.quantization_config
         config.save_pretrained(tmp)
         finish_config(tmp, model_dir / CONFIG_FILE)
         card = pruned_model_card(

@@ -66,9 +66,7 @@ def test_a_resumed_disk_run_reuses_its_pruned_source(tiny_translator, tmp_path):
     assert [path.stat().st_mtime_ns for path in weights] == stamps
 
 
-def test_a_given_uneven_plan_prunes_on_disk_without_loading_the_unpruned_model(
-    tiny_translator, tmp_path, monkeypatch
-):
+def test_a_given_uneven_plan_prunes_on_disk_without_loading_the_unpruned_model(tiny_translator, tmp_path, monkeypatch):
     plan_file = tmp_path / "plan.json"
     kept = {0: [0, 3, 5], 1: [1, 2, 4, 6, 7], 2: [2, 6], 3: [0, 1, 2, 3, 4, 5]}
     PrunePlan(kept, metadata={"target_ratio": 0.5}).save(plan_file)

@@ -246,3 +246,25 @@ def test_a_model_kept_in_fp8_prunes_each_experts_scales_with_its_weights():
                 == (torch.float8_e4m3fn if t.path in experts else t.tensor.dtype)
             )
             assert torch.equal(t.tensor.view(torch.uint8), before[t.path][kept].view(torch.uint8)), t.path
+
+
+def test_gpt_oss_pruned_on_disk_and_dequantized_once_loads_as_plain_bf16(tmp_path):
+    """``prune_checkpoint(..., dequantize=True)`` (what ``prune_mode: disk`` does for MXFP4): the kept experts are
+    written in bf16 without the quantization config, so loading skips dequantizing, with the very logits of the MXFP4
+    checkpoint pruned on disk and dequantized by transformers at load time."""
+    layout = LAYOUTS["gpt-oss-20b"]
+    directory = build_checkpoint(layout, tmp_path / "source")
+    plan = make_plan(AutoModelForCausalLM.from_pretrained(directory), COUNTS[layout.name][0])
+    prune_checkpoint(directory, plan, tmp_path / "mxfp4")
+    prune_checkpoint(directory, plan, tmp_path / "bf16", dequantize=True)
+
+    tensors = read_checkpoint(tmp_path / "bf16")
+    assert not any(key.endswith(("_blocks", "_scales")) for key in tensors)
+    assert tensors["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (24, 64, 128)  # [E kept, H, 2I]
+    assert tensors["model.layers.1.mlp.experts.down_proj"].shape == (12, 64, 64)
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["num_local_experts"] == 24 and config["moe_experts_per_layer"] == {"0": 24, "1": 12}
+    expected = logits(load_pruned_model(tmp_path / "mxfp4").eval(), INPUT)
+    assert torch.equal(logits(load_pruned_model(tmp_path / "bf16").eval(), INPUT), expected)

@@ -8,7 +8,8 @@ Trainer's ``on_init_end`` (about 8 x 56 GiB of host RAM for Qwen3-30B-A3B on an 
    frees it (none of this when the plan is given);
 2. :func:`prune_source_once`: rank 0 rewrites the checkpoint with the plan into ``output_dir/pruned_source``
    (tensor by tensor, :func:`moe_specialist.prune.prune_checkpoint`; the ranks share a filesystem) while the others
-   wait; a rerun or a resumed run reuses a pruned source that holds the same plan;
+   wait; MXFP4 experts (GPT-OSS) are dequantized there, once, on every core, instead of by every rank as it loads; a
+   rerun or a resumed run reuses a pruned source that holds the same plan;
 3. :func:`load_pruned_source`: every rank loads the pruned checkpoint; under ZeRO-3 ``zero.Init`` partitions it as
    it loads, so that no rank ever holds the whole model.
 """
@@ -88,7 +89,9 @@ def prune_source_once(model_args, plan: PrunePlan, output_dir: str | Path) -> Pr
             logger.info("Reusing %s: it was pruned with this plan.", target)
         else:
             logger.info("Pruning %s on disk into %s (once, on rank 0).", source, target)
-            prune_checkpoint(source, plan, target, overwrite=True, source_name=model_args.model_name_or_path)
+            prune_checkpoint(
+                source, plan, target, overwrite=True, source_name=model_args.model_name_or_path, dequantize=True
+            )
     state.wait_for_everyone()
     before = structure_from_config(AutoConfig.from_pretrained(source))
     after = structure_from_config(AutoConfig.from_pretrained(target))
