@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from moe_specialist import __version__
 from moe_specialist.architectures import MoEModel, text_config
@@ -342,6 +341,8 @@ class RoutingCollector:
         pair_hidden = hidden.repeat_interleave(k, dim=0)
         pair_index = top_k_index.reshape(-1, 1)
         ones = torch.ones_like(top_k_weights.reshape(-1, 1))
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
         outputs = grouped_mm_experts_forward(experts_module, pair_hidden, pair_index, ones)  # [T*k, H]
         norms = outputs.float().norm(dim=-1).view(num_tokens, k)
         self._accumulate(self._active[id(experts_module)][1], top_k_index, top_k_weights, norms)
@@ -355,6 +356,7 @@ class RoutingCollector:
             RoutingCollector._active[id(layer.experts)] = (self, position)
         if self.moe.decorated:
             self._previous_implementation = experts_implementation(model)
+            register_probe()
             model.set_experts_implementation(PROBE_IMPLEMENTATION)
         else:
             for position, layer in enumerate(self.moe.layers):
@@ -399,4 +401,9 @@ def _probe_entry(self, hidden_states, top_k_index, top_k_weights):
     return collector._probe(self, hidden_states, top_k_index, top_k_weights)
 
 
-ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_entry)
+def register_probe() -> None:
+    """Register the probe as an experts implementation of transformers, on first use: importing
+    ``transformers.integrations.moe`` costs seconds that commands which never calibrate (``prune``) should not pay."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_entry)
