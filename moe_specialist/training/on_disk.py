@@ -11,7 +11,7 @@ Trainer's ``on_init_end`` (about 8 x 56 GiB of host RAM for Qwen3-30B-A3B on an 
    wait; MXFP4 experts (GPT-OSS) are dequantized there, once, on every core, instead of by every rank as it loads; a
    rerun or a resumed run reuses a pruned source that holds the same plan;
 3. :func:`load_pruned_source`: every rank loads the pruned checkpoint; under ZeRO-3 ``zero.Init`` partitions it as
-   it loads, so that no rank ever holds the whole model.
+   it loads, so that no rank ever holds the whole model; otherwise straight onto the rank's device.
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ def prune_source_once(model_args, plan: PrunePlan, output_dir: str | Path) -> Pr
     return PrunedSource(target, report, summarize_moe(before), summarize_moe(after), before.routing, seconds)
 
 
-def load_pruned_source(pruned: PrunedSource, model_args, training_args):
-    """The pruned model and its tokenizer, in the dtype the recipe asks of the source (``auto`` as for the source),
-    partitioned while it loads under ZeRO-3."""
+def load_pruned_source(pruned: PrunedSource, model_args, training_args, partitioned: bool):
+    """The pruned model and its tokenizer, in the dtype the recipe asks of the source (``auto`` as for the source):
+    ``partitioned`` (ZeRO-3) while it loads, else loaded straight onto this rank's device."""
     dtype = resolve_dtype(model_args.model_name_or_path, model_args.dtype)
     as_source = replace(model_args, dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
-    return load_from_arguments(as_source, training_args.trust_remote_code, source=str(pruned.path))
+    onto = None if partitioned else training_args.device
+    return load_from_arguments(as_source, training_args.trust_remote_code, source=str(pruned.path), load_onto=onto)

@@ -379,7 +379,9 @@ def run(
         # Model and data
         with timer("load_model"):
             if pruned_source is not None:
-                model, tokenizer = load_pruned_source(pruned_source, model_args, training_args)
+                model, tokenizer = load_pruned_source(
+                    pruned_source, model_args, training_args, partitioned=zero_stage(training_args) == 3
+                )
             else:
                 model, tokenizer = load_model(model_args, training_args)
         router_settings = prepare_model(model, training_args)
