@@ -191,3 +191,23 @@ def test_two_process_zero3_prune_on_disk(tiny_translator, single_process_scores,
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert all(e["kd"] > 0 for e in state["log_history"] if "kd" in e)
     assert find_moe(load_pruned_model(output_dir / "model")).experts_per_layer == {i: 4 for i in range(4)}
+
+
+@pytest.mark.slow
+def test_two_process_zero2_lora_prune_on_disk(tiny_translator, tmp_path):
+    """prune_mode disk with LoRA under ZeRO-2 (the prune_lora recipe): each rank loads the pruned checkpoint straight
+    onto its device, the live KD teacher is the source model, the adapters are merged into the saved model."""
+    output_dir = tmp_path / "zero2-lora-disk"
+    flags = ("--prune_mode", "disk", "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj",
+             "--recovery", "kd", "--report_to", "none")  # fmt: skip
+    done, seconds = launch("zero2", tiny_translator, output_dir, *flags)
+    assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    records = [json.loads((output_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    reference = load_pruned_model(tiny_translator)
+    prune_model(reference, PrunePlan.from_dict(json.loads((output_dir / "prune_plan.json").read_text())))
+    assert {r["pruned"]["sha256"] for r in records} == {expert_fingerprint(find_moe(reference))["sha256"]}
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["mode"] == "lora" and results["training"]["prune_mode"] == "disk"
+    saved = load_pruned_model(output_dir / "model")
+    assert find_moe(saved).experts_per_layer == {i: 4 for i in range(4)}
+    assert not any("lora" in name for name in saved.state_dict())
