@@ -49,6 +49,17 @@ class RemoteCodeArguments:
 
 
 @dataclass
+class PlacementArguments:
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: one process spreads the model over every visible GPU (then CPU memory), for a model "
+            "larger than one GPU; run it without accelerate launch. Default: the process's own device."
+        },
+    )
+
+
+@dataclass
 class OutputArguments:
     output: str = field(default="", metadata={"aliases": ["--output_dir"], "help": "Where to write the result."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
@@ -170,7 +181,9 @@ def cmd_calibrate(argv: list[str]) -> None:
     from moe_specialist.calibrate import statistics_for
     from moe_specialist.models import load_from_arguments, local_model_dirs
 
-    model_args, remote, calibration, output = _parse("calibrate", (CalibrationArguments, OutputArguments), argv)
+    model_args, remote, calibration, placement, output = _parse(
+        "calibrate", (CalibrationArguments, PlacementArguments, OutputArguments), argv
+    )
     path = output.checked(protected=local_model_dirs(model_args.model_name_or_path))
     if path.suffix != ".safetensors":
         raise ConfigurationError(
@@ -178,7 +191,16 @@ def cmd_calibrate(argv: list[str]) -> None:
         )
     calibration.calibration_selection.check_access()
     state = _distributed_state()
-    model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device=state.device)
+    if placement.device_map is None:
+        model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device=state.device)
+    elif placement.device_map != "auto" or state.num_processes > 1:
+        raise ConfigurationError(
+            f"--device_map {placement.device_map} in {state.num_processes} process(es): --device_map auto spreads "
+            "one process's model over every GPU; run it without accelerate launch, or drop it to shard the data "
+            "over the launched processes instead."
+        )
+    else:
+        model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, device_map="auto")
     stats = statistics_for(  # the output was checked above: with --overwrite, calibrate again
         model,
         tokenizer,

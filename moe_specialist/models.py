@@ -125,13 +125,14 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None, load_onto=None):
+def load_from_arguments(model_args, trust_remote_code: bool, source: str | None = None, device=None, device_map=None):
     """The model and tokenizer a recipe's model arguments describe (dtype, revision, attention implementation);
-    ``source`` (a resolved path) replaces ``model_name_or_path``. ``load_onto`` (a device) loads the weights straight
-    there (``device_map``), never holding the whole model in host memory; ``device`` moves it after a host load."""
+    ``source`` (a resolved path) replaces ``model_name_or_path``. ``device_map`` loads the weights straight where they
+    go, never whole in host memory: onto one device, or ``"auto"``, spread over every GPU (then CPU memory) for a
+    model larger than one GPU; ``device`` moves the model there after a host load."""
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    if load_onto is not None:
-        extra["device_map"] = {"": str(load_onto)}
+    if device_map is not None:
+        extra["device_map"] = device_map if device_map == "auto" else {"": str(device_map)}
     return load_model_and_tokenizer(
         source or model_args.model_name_or_path,
         model_args.dtype,

@@ -216,3 +216,16 @@ def test_calibrate_overwrite_recalibrates_and_settings_are_checked_on_reuse(pipe
     stats.metadata["calibration"]["calibration_directions"] = "en-fr"
     stats.save(target)
     assert statistics_for(model, tokenizer, args, "tiny", statistics_file=str(target)).groups == ["en-fr"]
+
+
+def test_calibrate_with_device_map_auto_gives_the_same_statistics(pipeline, tiny_translator, tmp_path):
+    """``--device_map auto`` (a model larger than one GPU, spread by one process) measures the same routing."""
+    flags = ("--model", tiny_translator, "--calibration_directions", "en-fr,de-en", "--calibration_examples", 6,
+             "--calibration_general_languages", "fr")  # fmt: skip
+    run("calibrate", *flags, "--device_map", "auto", "--output", tmp_path / "auto.safetensors")
+    spread, whole = (load_file(p) for p in (tmp_path / "auto.safetensors", pipeline / "stats.safetensors"))
+    assert spread.keys() == whole.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(spread[name], tensor, rtol=0, atol=1e-9, msg=name)
+    with pytest.raises(ValueError, match="--device_map balanced in 1 process.*spreads one process's model"):
+        run("calibrate", *flags, "--device_map", "balanced", "--output", tmp_path / "x.safetensors")

@@ -53,7 +53,7 @@ def measuring_model(model_args, training_args):
     """The unpruned model, loaded straight onto this rank's device, and its tokenizer: for calibration and planning
     only (whole on every rank even under ZeRO-3, see :func:`~moe_specialist.compat.zero3_init_disabled`)."""
     with zero3_init_disabled():
-        return load_from_arguments(model_args, training_args.trust_remote_code, load_onto=training_args.device)
+        return load_from_arguments(model_args, training_args.trust_remote_code, device_map=training_args.device)
 
 
 def free_memory() -> None:
@@ -109,4 +109,4 @@ def load_pruned_source(pruned: PrunedSource, model_args, training_args, partitio
     dtype = resolve_dtype(model_args.model_name_or_path, model_args.dtype)
     as_source = replace(model_args, dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
     onto = None if partitioned else training_args.device
-    return load_from_arguments(as_source, training_args.trust_remote_code, source=str(pruned.path), load_onto=onto)
+    return load_from_arguments(as_source, training_args.trust_remote_code, source=str(pruned.path), device_map=onto)
