@@ -19,43 +19,15 @@ from trl import get_peft_config
 
 from moe_specialist.memory import GIB, PRUNE_MODES, estimate_for_run
 from moe_specialist.training import parse_recipe
-from tests.test_real_models import GPT_OSS_20B, QWEN3_30B_A3B
+from tests.real_layouts import GPT_OSS_20B, OLMOE_1B_7B_0924, QWEN3_30B_A3B
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.0, 0.5, 0.75)
 PHASES = ("measure", "prune", "load", "train", "eval")
 GPU_BYTES = 81559 * 1024**2  # an H100 80GB as nvidia-smi reports it
 # allenai/OLMoE-1B-7B-0125-Instruct's config.json, written from knowledge (not fetched here): the architecture of
-# OLMoE-1B-7B-0924 (tests/real_layouts.py) with the OLMo 2 tokenizer's 100352-entry vocabulary.
-OLMOE_1B_7B_0125_INSTRUCT = dict(
-    architectures=["OlmoeForCausalLM"],
-    attention_bias=False,
-    attention_dropout=0.0,
-    clip_qkv=None,
-    eos_token_id=100257,
-    hidden_act="silu",
-    hidden_size=2048,
-    initializer_range=0.02,
-    intermediate_size=1024,
-    max_position_embeddings=4096,
-    model_type="olmoe",
-    norm_topk_prob=False,
-    num_attention_heads=16,
-    num_experts=64,
-    num_experts_per_tok=8,
-    num_hidden_layers=16,
-    num_key_value_heads=16,
-    output_router_logits=False,
-    pad_token_id=100277,
-    rms_norm_eps=1e-05,
-    rope_scaling=None,
-    rope_theta=10000.0,
-    router_aux_loss_coef=0.01,
-    tie_word_embeddings=False,
-    torch_dtype="bfloat16",
-    use_cache=True,
-    vocab_size=100352,
-)
+# OLMoE-1B-7B-0924 (tests/real_layouts.py) with the OLMo 2 tokenizer (100352 entries, its eos and pad ids).
+OLMOE_1B_7B_0125_INSTRUCT = {**OLMOE_1B_7B_0924, "eos_token_id": 100257, "pad_token_id": 100277, "vocab_size": 100352}
 RECIPES = {
     "qwen3-30b-a3b": (QWEN3_30B_A3B, "zero3"),
     "gpt-oss-20b": (GPT_OSS_20B, "zero3"),

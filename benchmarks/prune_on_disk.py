@@ -1,9 +1,9 @@
 """Wall time and peak memory of on-disk pruning against a plain copy of the same files.
 
-    python benchmarks/prune_on_disk.py --workdir /tmp/prune-bench --layout gpt-oss --size_gb 8 [--runs 2]
+    python -m benchmarks.prune_on_disk --workdir /tmp/prune-bench --layout gpt-oss --size_gb 8 [--runs 2]
 
 Writes a synthetic checkpoint of about ``--size_gb`` GiB in the Hub layout of a published model, with its real widths
-and expert count and fewer layers (random weights, 4 GiB shards with their index):
+and expert count (the published config.json) and fewer layers (random weights, 4 GiB shards with their index):
 
 - ``qwen3``: Qwen3-30B-A3B, bfloat16, one key per expert and projection (``mlp.experts.{e}.gate_proj.weight``);
 - ``gpt-oss``: GPT-OSS-20B, experts fused and MXFP4-quantized (``mlp.experts.gate_up_proj_blocks`` uint8
@@ -36,6 +36,7 @@ from transformers import AutoConfig
 
 from moe_specialist.io import INDEX_FILE
 from moe_specialist.safetensors_stream import ComputedTensor, StreamedTensor, byte_size, read_header, write_safetensors
+from tests.real_layouts import GPT_OSS_20B, QWEN3_30B_A3B  # the published config.json files
 
 SHARD_BYTES = 4 << 30
 # `moe-specialist prune` itself, with what it imports before reading a byte (torch, transformers) imported first, so
@@ -47,51 +48,6 @@ start = time.perf_counter()
 moe_specialist.cli.main(sys.argv[1:])
 print(f"after imports: {time.perf_counter() - start:.3f} s")
 """
-# The published config.json fields that fix the tensors' shapes (depth set by --size_gb).
-QWEN3_30B_A3B = dict(
-    model_type="qwen3_moe",
-    architectures=["Qwen3MoeForCausalLM"],
-    hidden_size=2048,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_experts=128,
-    num_experts_per_tok=8,
-    norm_topk_prob=True,
-    decoder_sparse_step=1,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    vocab_size=151936,
-    tie_word_embeddings=False,
-    dtype="bfloat16",
-)
-GPT_OSS_20B = dict(
-    model_type="gpt_oss",
-    architectures=["GptOssForCausalLM"],
-    hidden_size=2880,
-    intermediate_size=2880,
-    num_local_experts=32,
-    num_experts_per_tok=4,
-    experts_per_token=4,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    head_dim=64,
-    attention_bias=True,
-    vocab_size=201088,
-    tie_word_embeddings=False,
-    sliding_window=128,
-    quantization_config={
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-        "quant_method": "mxfp4",
-    },
-)
-
-
 def attention(prefix: str, config: dict, bias: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
     hidden, heads, kv, head = (
         config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
