@@ -636,8 +636,8 @@ def plan_for(
 ) -> PrunePlan:
     """Replay ``args.prune_plan`` if given, else plan from ``stats`` with the arguments' criterion and allocation
     (``checkpoint``: the directory of a model built on the meta device, whose routers the statistics are checked
-    against). ``search_allocation`` defaults to that of ``measure_layer_costs`` when it has one (a
-    :class:`~moe_specialist.sensitivity.ModelMeter` does)."""
+    against; ``measure_layer_costs``, ``measure_kept_sets`` and ``search_allocation`` measure on the model, e.g. a
+    :class:`~moe_specialist.sensitivity.ModelMeter` and its methods)."""
     if args.prune_plan:
         plan = PrunePlan.load(args.prune_plan)
         plan.validate(moe)
@@ -659,7 +659,7 @@ def plan_for(
         selection=args.pruning_selection,
         selection_candidates=args.selection_candidates,
         measure_kept_sets=measure_kept_sets,
-        search_allocation=search_allocation or getattr(measure_layer_costs, "search_allocation", None),
+        search_allocation=search_allocation,
         search=search_limits(args),
     )
     plan.metadata.setdefault("statistics", args.statistics_file)

@@ -203,14 +203,14 @@ def test_sweep_plans_with_the_search_and_reuses_the_reference(tiny_translator, t
 
 
 def test_a_run_plans_with_the_search_through_its_meter():
-    """``moe_specialist.train`` passes its ModelMeter as the layer costs; plan_for takes the search from it."""
+    """``moe_specialist.train`` passes its ModelMeter's measurements to plan_for, the search among them."""
     from moe_specialist.plan import plan_for
 
     model = tiny_model("gpt_oss")
     meter, moe = meter_for(model), find_moe(model)
     scores = torch.rand(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     args = PruningArguments(pruning_allocation="search", allocation_search_evaluations=5, allocation_search_seed=2)
-    plan = plan_for(moe, stats_with(scores), args, meter)
+    plan = plan_for(moe, stats_with(scores), args, meter, search_allocation=meter.search_allocation)
     trace = plan.metadata["allocation_search"]
     assert plan.metadata["allocation"] == "search" and trace["evaluations"] == 5 and trace["seed"] == 2
     assert trace["seconds_budget"] == 60.0 and trace["evaluations_budget"] == 5

@@ -237,7 +237,10 @@ def plan_pruning(
             model, moe, tokenizer, calibration_args, pruning_args.sensitivity_examples,
             progress=state.is_main_process,
         )  # fmt: skip
-        plan = plan_for(moe, stats, pruning_args, meter, measure_kept_sets=meter.greedy_sets)
+        plan = plan_for(
+            moe, stats, pruning_args, meter,
+            measure_kept_sets=meter.greedy_sets, search_allocation=meter.search_allocation,
+        )  # fmt: skip
     if state.num_processes > 1:
         payload = [plan.to_dict()]
         broadcast_object_list(payload, from_process=0)
