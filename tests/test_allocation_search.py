@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import time
+import types
 from pathlib import Path
 
 import pytest
@@ -139,18 +139,19 @@ def test_moves_keep_group_counts_and_the_minimum_when_every_layer_is_at_it():
     assert {step["move"] for step in trace["accepted"]} == {"swap"} and trace["accepted"][0]["layer"] in (1, 2)
 
 
-def test_time_budget_is_honoured():
+def test_time_budget_is_honoured(monkeypatch):
+    """No candidate is scored once the budget is spent: with a clock that each candidate moves on by one second,
+    a 5.5 s budget scores the start and five candidates (the time is read before each candidate)."""
     budget = Budget([8, 8, 8], 12, 2)
+    clock = [0.0]
+    monkeypatch.setattr(allocation_search, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
 
     def slow(kept, top_k):
-        time.sleep(0.02)
+        clock[0] += 1.0
         return float(hash(kept) % 1000)
 
-    started = time.monotonic()
-    _, trace = search_allocation(slow, [[0, 1, 2, 3]] * 3, torch.zeros(3, 8), budget, SearchLimits(0.3), [0, 1, 2])
-    elapsed = time.monotonic() - started
-    assert trace["stopped"] == "seconds" and 0.3 <= trace["seconds"] <= elapsed + 0.01 < 0.3 + 0.15
-    assert 5 <= trace["evaluations"] <= 16
+    _, trace = search_allocation(slow, [[0, 1, 2, 3]] * 3, torch.zeros(3, 8), budget, SearchLimits(5.5), [0, 1, 2])
+    assert trace["stopped"] == "seconds" and trace["seconds"] == 6.0 and trace["evaluations"] == 6
 
 
 def test_errors_are_one_paragraph(tmp_path):

@@ -1,5 +1,7 @@
 """The search allocation under torch.distributed: two gloo ranks, each scoring its share of the batches, agree on
-every value, stop at the same candidate under a time budget, and return the plan one process finds.
+every value, stop at the same candidate when one rank's time budget runs out (rank 0 reads a clock that advances
+one second per reading, so where it stops does not depend on the machine's speed), and return the plan one process
+finds.
 
 Run as a script under ``torch.distributed.run`` this file is the worker: each rank searches the tiny model's plan
 and writes the kept sets and the trace to ``<output>/rank-<i>.json``.
@@ -7,17 +9,20 @@ and writes the kept sets and the trace to ``<output>/rank-<i>.json``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from moe_specialist import allocation_search
 from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
@@ -41,7 +46,10 @@ def search(limits: SearchLimits) -> tuple[list[list[int]], dict]:
 def worker(output: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    kept, trace = search(SearchLimits(seconds=2.0 + rank))  # rank 0 runs out of time first; rank 1 must stop too
+    if rank == 0:  # a clock one second further at every reading: rank 0's time runs out after a known candidate
+        ticks = itertools.count()
+        allocation_search.time = types.SimpleNamespace(monotonic=lambda: float(next(ticks)))
+    kept, trace = search(SearchLimits(seconds=4.0 if rank == 0 else 600.0))  # rank 1 must stop with rank 0
     (output / f"rank-{rank}.json").write_text(json.dumps({"kept": kept, "trace": trace}))
     dist.destroy_process_group()
 
