@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -52,3 +56,18 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def run_two_ranks(script: str | Path, output: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """``script`` run as the worker of two gloo ranks (``torch.distributed.run``), its output directory ``output``;
+    the finished process and its seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    root = Path(__file__).parents[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    start = time.time()
+    done = subprocess.run([*command, str(output)], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    return done, time.time() - start

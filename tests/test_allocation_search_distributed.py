@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,9 +24,9 @@ from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
 from moe_specialist.plan import Budget, SearchLimits
+from tests.helpers import run_two_ranks
 from tests.tiny_models import tiny_model
 
-ROOT = Path(__file__).parents[1]
 SCORES = torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 START = [[0, 1, 2, 3]] * 4  # 16 of 32 experts
 
@@ -56,15 +53,7 @@ def worker(output: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_search_as_one_process(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    start = time.time()
-    done = subprocess.run([*command, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    seconds = time.time() - start
+    done, seconds = run_two_ranks(__file__, tmp_path)
     assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     trace = ranks[0]["trace"]

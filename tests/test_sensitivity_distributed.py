@@ -8,10 +8,7 @@ costs and greedy kept sets and writes its table, the cuts it measured and the se
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -26,9 +23,9 @@ from moe_specialist.plan import Budget, PrunePlan, ranked_sets
 from moe_specialist.prune import prune_model
 from moe_specialist.selection import greedy_sets
 from moe_specialist.training.callbacks import expert_fingerprint, fingerprint_positions
+from tests.helpers import run_two_ranks
 from tests.tiny_models import tiny_model
 
-ROOT = Path(__file__).parents[1]
 SCORES = torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
@@ -77,15 +74,7 @@ def worker(output: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_share_the_sensitivity_and_greedy_measurements(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    start = time.time()
-    done = subprocess.run([*command, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    seconds = time.time() - start
+    done, seconds = run_two_ranks(__file__, tmp_path)
     assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     print(f"2 ranks: {seconds:.1f}s")
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
