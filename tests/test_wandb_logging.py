@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,10 @@ def test_the_hub_token_does_not_reach_the_wandb_run(tmp_path, monkeypatch):
     wandb.finish()
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     data = record.read_bytes()
+    deadline = time.monotonic() + 30
+    while b"--hub_token" not in data and time.monotonic() < deadline:  # W&B's service may still be writing the file
+        time.sleep(0.5)
+        data = record.read_bytes()
     assert b"--hub_token" in data and b"***" in data
     assert b"SECRETVALUE" not in data and b"OTHERSECRET" not in data
 
