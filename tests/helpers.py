@@ -71,3 +71,14 @@ def run_two_ranks(script: str | Path, output: Path) -> tuple[subprocess.Complete
     start = time.time()
     done = subprocess.run([*command, str(output)], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     return done, time.time() - start
+
+
+def wandb_record(path: Path, *expected: bytes, seconds: float = 60.0) -> bytes:
+    """The bytes of an offline W&B run file once it holds every ``expected`` record: W&B's service process writes it
+    after the run's own process has returned (or exited), so a test reading it at once may find only its header."""
+    deadline = time.monotonic() + seconds
+    data = path.read_bytes()
+    while not all(e in data for e in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        data = path.read_bytes()
+    return data

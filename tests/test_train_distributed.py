@@ -30,6 +30,7 @@ from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.training import parse_recipe, run
 from moe_specialist.training.callbacks import expert_fingerprint
+from tests.helpers import wandb_record
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "tests" / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
@@ -131,10 +132,11 @@ def test_two_process_prune_sft(config, tiny_translator, single_process_scores, t
     runs = sorted((output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     (wandb_file,) = runs[0].glob("run-*.wandb")
-    data = wandb_file.read_bytes()
+    keys = (b"eval/mt/en-fr/chrf++", b"pruning/experts_kept_per_layer", b"pruning/params_active_after",
+            b"final/en-fr/chrf++", b"pruning_ratio", b"test-" + config.encode(), b"prune_sft")  # fmt: skip
+    data = wandb_record(wandb_file, *keys)
     assert len(data) > 1000
-    for key in (b"eval/mt/en-fr/chrf++", b"pruning/experts_kept_per_layer", b"pruning/params_active_after",
-                b"final/en-fr/chrf++", b"pruning_ratio", b"test-" + config.encode(), b"prune_sft"):  # fmt: skip
+    for key in keys:
         assert key in data, key
     assert results["wandb"]["id"] in wandb_file.name
     tables = [json.loads(p.read_text()) for p in (runs[0] / "files" / "media" / "table").glob("mt_samples_*.json")]

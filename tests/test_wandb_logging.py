@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from moe_specialist.training.wandb_logging import redact_secrets, start_wandb_run
+from tests.helpers import wandb_record
 
 
 def test_secret_flags_are_redacted_in_both_spellings():
@@ -27,12 +27,9 @@ def test_the_hub_token_does_not_reach_the_wandb_run(tmp_path, monkeypatch):
     run = start_wandb_run(args, name="n", job_type="j", group=None, config={}, directory=tmp_path)
     assert run is not None and sys.argv[2] == "hf_SECRETVALUE"  # the process's own argv is left as it was
     wandb.finish()
+    wandb.teardown()  # the service has written everything once it has shut down
     (record,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    data = record.read_bytes()
-    deadline = time.monotonic() + 30
-    while b"--hub_token" not in data and time.monotonic() < deadline:  # W&B's service may still be writing the file
-        time.sleep(0.5)
-        data = record.read_bytes()
+    data = wandb_record(record, b"--hub_token", b"***")
     assert b"--hub_token" in data and b"***" in data
     assert b"SECRETVALUE" not in data and b"OTHERSECRET" not in data
 
