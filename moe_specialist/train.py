@@ -36,6 +36,7 @@ from accelerate import PartialState  # noqa: E402
 from moe_specialist.entry import run_entry_point  # noqa: E402
 from moe_specialist.training.pipeline import parse_recipe, run  # noqa: E402
 from moe_specialist.training.progressive import run_progressive  # noqa: E402
+from moe_specialist.training.wandb_logging import shut_down_wandb  # noqa: E402
 
 logger = logging.getLogger("moe_specialist")
 
@@ -82,6 +83,7 @@ def main(model_args, data_args, calibration_args, pruning_args, training_args) -
                 end["average"]["chrf++"],
                 results["model_dir"],
             )
+    shut_down_wandb()
     state.destroy_process_group()
     return results
 

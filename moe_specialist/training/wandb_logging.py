@@ -130,6 +130,16 @@ def finish_wandb(exit_code: int | None = None) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def shut_down_wandb() -> None:
+    """Stop W&B's service process before the program exits (rank 0): its records are written once it has shut down,
+    whereas an exit right after ``finish`` sometimes left an offline run file with only its header."""
+    if not PartialState().is_main_process:
+        return
+    import wandb
+
+    wandb.teardown()
+
+
 SUMMARY_METRICS = ("chrf++", "bleu", "off_target_rate", "chrf++_signature", "bleu_signature")
 
 
