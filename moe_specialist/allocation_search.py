@@ -13,6 +13,9 @@ Every candidate keeps exactly the budget, at least the fewest experts each layer
 group-limited routing needs) and the same count in every routing group. The objective is the mean KL from the
 unpruned model's next-token distribution to the pruned model's, teacher-forced on the target tokens of held-out
 calibration sequences; the unpruned side is computed once (:class:`TargetKL`), so a sweep reuses it for every ratio.
+``onset_weight`` adds that KL on the first :data:`ONSET_TOKENS` target tokens of each sequence, weighted: there the
+output language is chosen, and a plan whose model starts its translations in the source language (off-target output)
+loses little on the mean over every token, which teacher forcing puts back on track after the first word.
 Candidates are pruned in memory, layer by layer, with :func:`~moe_specialist.prune.keeping_only` (exactly what
 :func:`~moe_specialist.prune.prune_model` does to routing), and no candidate is scored twice.
 
@@ -35,7 +38,7 @@ import torch.distributed as dist
 
 from moe_specialist.architectures import MoEModel
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, SearchLimits
+from moe_specialist.plan import Budget, SearchSettings
 from moe_specialist.prune import keeping_only
 from moe_specialist.selection import rank_and_world
 from moe_specialist.stats import ROLES
@@ -43,6 +46,7 @@ from moe_specialist.stats import ROLES
 logger = logging.getLogger(__name__)
 
 REFERENCE_TOP = 64  # next-token probabilities kept of the unpruned model per target token; the rest is one bucket
+ONSET_TOKENS = 4  # the first target tokens of a sequence, where the output language is chosen
 PROPOSAL_TRIES = 1000  # draws for a candidate not yet scored before the neighbourhood counts as exhausted
 
 Kept = tuple[tuple[int, ...], ...]  # per MoE layer (position): the kept expert ids, sorted
@@ -61,12 +65,13 @@ class _Reference:
     top_logprobs: torch.Tensor  # [tokens, top]
     top_ids: torch.Tensor  # [tokens, top]
     log_rest: torch.Tensor  # [tokens]
+    onset: torch.Tensor  # [tokens]: among the first ONSET_TOKENS target tokens of its sequence
 
 
 class TargetKL:
     """The search objective: mean KL(unpruned || pruned) of the next-token distributions on the target tokens of
     ``batches`` (calibration batches), over the top :data:`REFERENCE_TOP` tokens of the unpruned model plus one bucket
-    for the rest (exact when the vocabulary is no larger).
+    for the rest (exact when the vocabulary is no larger), plus ``onset_weight`` times the mean KL on the onset tokens.
 
     Under torch.distributed each rank scores every ``world``-th batch and the sums are all-reduced, so every rank
     gets the same value (a collective: every rank must score the same candidates in the same order).
@@ -78,32 +83,38 @@ class TargetKL:
         self.sequences = sum(len(batch[0]) for batch in batches)
         self.device = next(model.parameters()).device
         self.references = [self._reference(batch) for batch in self.batches]
-        self.tokens = int(self._all_reduce(torch.tensor([float(sum(r.log_rest.numel() for r in self.references))])))
+        counts = [[float(r.log_rest.numel()), float(r.onset.sum())] for r in self.references]
+        self.tokens, self.onset_tokens = (int(n) for n in self._all_reduce(torch.tensor(counts).reshape(-1, 2).sum(0)))
         if self.tokens == 0:
             raise ConfigurationError(
                 "The held-out calibration sequences have no target tokens to score the allocation search on: "
                 "calibrate on translation pairs (calibration_directions) or raise calibration_examples."
             )
 
+    def _targets(self, batch) -> torch.Tensor:
+        """``[batch, length - 1]``: whether the next token is a target (padding is IGNORE, never a target)."""
+        return (batch[3] == ROLES.index("target"))[:, 1:].to(self.device)
+
     @torch.no_grad()
     def _logprobs(self, batch) -> torch.Tensor:
         """``[target tokens, vocabulary]``: the model's next-token log-probabilities where the next is a target."""
-        input_ids, attention, _, role_ids = batch
+        input_ids, attention, _, _ = batch
         was_training = self.model.training
         self.model.eval()
         logits = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
         ).logits
         self.model.train(was_training)
-        targets = (role_ids == ROLES.index("target"))[:, 1:].to(self.device)  # padding is IGNORE
-        return logits[:, :-1][targets].float().log_softmax(-1)
+        return logits[:, :-1][self._targets(batch)].float().log_softmax(-1)
 
     def _reference(self, batch) -> _Reference:
         logprobs = self._logprobs(batch)
         top = logprobs.topk(min(REFERENCE_TOP, logprobs.shape[-1]), dim=-1)
         whole = top.values.shape[-1] == logprobs.shape[-1]  # no rest: the objective is the exact KL
         log_rest = torch.full_like(top.values[:, 0], -math.inf) if whole else _log_rest(top.values)
-        return _Reference(top.values, top.indices, log_rest)
+        targets = self._targets(batch)
+        onset = (targets.cumsum(dim=1) <= ONSET_TOKENS)[targets]
+        return _Reference(top.values, top.indices, log_rest, onset)
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if rank_and_world()[1] > 1:
@@ -111,22 +122,24 @@ class TargetKL:
             dist.all_reduce(values)
         return values.cpu()
 
-    def __call__(self, kept: Kept, top_k: int | None = None) -> float:
+    def __call__(self, kept: Kept, top_k: int | None = None, onset_weight: float = 0.0) -> float:
         """The objective of the model pruned to ``kept`` (routing ``top_k`` experts when lowered)."""
-        total = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)  # KL summed over every target token, over the onset tokens
         with pruned(self.moe, kept, top_k):
             for batch, reference in zip(self.batches, self.references, strict=True):
-                total += float(kl_sum(reference, self._logprobs(batch)))
-        return float(self._all_reduce(torch.tensor([total], dtype=torch.float64))) / self.tokens
+                kl = token_kl(reference, self._logprobs(batch)).double().cpu()
+                sums += torch.stack([kl.sum(), kl[reference.onset.cpu()].sum()])
+        total, onset = self._all_reduce(sums).tolist()
+        return total / self.tokens + (onset_weight * onset / self.onset_tokens if onset_weight else 0.0)
 
 
-def kl_sum(reference: _Reference, logprobs: torch.Tensor) -> torch.Tensor:
-    """Summed KL(reference || pruned) over the target tokens, on the reference's top tokens plus the rest bucket."""
+def token_kl(reference: _Reference, logprobs: torch.Tensor) -> torch.Tensor:
+    """``[tokens]``: KL(reference || pruned) per target token, on the reference's top tokens plus the rest bucket."""
     pruned_top = logprobs.gather(-1, reference.top_ids)
     kl = (reference.top_logprobs.exp() * (reference.top_logprobs - pruned_top)).sum(-1)
     rest_mass = reference.log_rest.exp()
     rest = torch.where(rest_mass > 0, rest_mass * (reference.log_rest - _log_rest(pruned_top)), 0.0)
-    return (kl + rest).sum()
+    return kl + rest
 
 
 @contextmanager
@@ -211,24 +224,25 @@ def search_allocation(
     kept: list[list[int]],
     scores: torch.Tensor,
     budget: Budget,
-    limits: SearchLimits,
+    settings: SearchSettings,
     layer_indices: list[int],
 ) -> tuple[list[list[int]], dict]:
     """Refine ``kept`` (per MoE layer, the start's kept ids) by a seeded (1+1) local search on ``objective``
-    (candidate kept sets, top-k -> value to minimise, e.g. :class:`TargetKL`); ``scores`` (the criterion's) choose
-    the experts a move drops and adds. Returns the best kept sets and the search trace for the plan's metadata."""
+    (candidate kept sets, top-k, onset weight -> value to minimise, e.g. :class:`TargetKL`); ``scores`` (the
+    criterion's) choose the experts a move drops and adds. Returns the best kept sets and the search trace for the
+    plan's metadata."""
     started = time.monotonic()
-    rng = random.Random(limits.seed)
+    rng = random.Random(settings.seed)
     neighbourhood = _Neighbourhood(scores, budget, layer_indices)
     current: Kept = tuple(tuple(sorted(ids)) for ids in kept)
-    best = initial = objective(current, budget.top_k)
+    best = initial = objective(current, budget.top_k, settings.onset_weight)
     scored = {current: best}
     accepted = []
     while True:
-        if limits.evaluations is not None and len(scored) >= limits.evaluations:
+        if settings.evaluations is not None and len(scored) >= settings.evaluations:
             stopped = "evaluations"
             break
-        if _any_rank(time.monotonic() - started >= limits.seconds):
+        if _any_rank(time.monotonic() - started >= settings.seconds):
             stopped = "seconds"
             break
         proposal = neighbourhood.unscored(current, rng, scored)
@@ -236,14 +250,15 @@ def search_allocation(
             stopped = "exhausted"  # every neighbour drawn was scored already (or there is none)
             break
         candidate, move = proposal
-        scored[candidate] = value = objective(candidate, budget.top_k)
+        scored[candidate] = value = objective(candidate, budget.top_k, settings.onset_weight)
         if value < best:
             current, best = candidate, value
             accepted.append({"evaluation": len(scored), **move, "kl": round(value, 6)})
     trace = {
-        "seed": limits.seed,
-        "seconds_budget": limits.seconds,
-        "evaluations_budget": limits.evaluations,
+        "seed": settings.seed,
+        "seconds_budget": settings.seconds,
+        "evaluations_budget": settings.evaluations,
+        "onset_weight": settings.onset_weight,
         "start_counts": [len(ids) for ids in kept],
         "initial_kl": round(initial, 6),
         "final_kl": round(best, 6),

@@ -271,6 +271,13 @@ class PruningArguments:
         },
     )
     allocation_search_seed: int = field(default=0, metadata={"help": "search: the seed of its moves."})
+    allocation_search_onset_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "search: add this times the KL on the first 4 target tokens of each sequence to the objective "
+            "(where the output language is chosen: against wrong-language output at high ratios)."
+        },
+    )
     pruning_selection: str = field(
         default="ranked",
         metadata={
@@ -338,6 +345,11 @@ class PruningArguments:
             raise ConfigurationError(
                 f"allocation_search_seconds must be a positive number of seconds, got {self.allocation_search_seconds}"
                 ": it bounds the search allocation's time (cap its evaluations with allocation_search_evaluations)."
+            )
+        if not 0 <= self.allocation_search_onset_weight < float("inf"):
+            raise ConfigurationError(
+                f"allocation_search_onset_weight must be a finite number >= 0, got "
+                f"{self.allocation_search_onset_weight}: it weighs the KL on the first target tokens (0: off)."
             )
 
 

@@ -196,23 +196,28 @@ MeasureKeptSets = Callable[[torch.Tensor, Budget, "int | None"], KeptSets]
 
 
 @dataclass(frozen=True)
-class SearchLimits:
-    """What bounds the ``search`` allocation (:mod:`moe_specialist.allocation_search`): seconds, an optional cap on
-    evaluations (for plans that do not depend on the machine's speed), and the seed of its moves."""
+class SearchSettings:
+    """What bounds and steers the ``search`` allocation (:mod:`moe_specialist.allocation_search`): seconds, an
+    optional cap on evaluations (for plans that do not depend on the machine's speed), the seed of its moves, and the
+    weight of the KL on the first target tokens, where the output language is chosen."""
 
     seconds: float = 60.0
     evaluations: int | None = None
     seed: int = 0
+    onset_weight: float = 0.0
 
 
-def search_limits(args: PruningArguments) -> SearchLimits:
-    return SearchLimits(
-        args.allocation_search_seconds, args.allocation_search_evaluations, args.allocation_search_seed
+def search_settings(args: PruningArguments) -> SearchSettings:
+    return SearchSettings(
+        args.allocation_search_seconds,
+        args.allocation_search_evaluations,
+        args.allocation_search_seed,
+        args.allocation_search_onset_weight,
     )
 
 
 # Refines per-layer kept sets on the model: start kept ids per layer, scores, budget, limits -> (kept ids, trace).
-SearchAllocation = Callable[[list[list[int]], torch.Tensor, Budget, SearchLimits], "tuple[list[list[int]], dict]"]
+SearchAllocation = Callable[[list[list[int]], torch.Tensor, Budget, SearchSettings], "tuple[list[list[int]], dict]"]
 
 GREEDY_NEEDS_THE_MODEL = (
     "pruning_selection greedy measures each MoE block's output on calibration tokens, so it needs the model: it "
@@ -504,7 +509,7 @@ def make_plan(
     selection_candidates: int | None = None,
     measure_kept_sets: MeasureKeptSets | None = None,
     search_allocation: SearchAllocation | None = None,
-    search: SearchLimits = SearchLimits(),
+    search: SearchSettings = SearchSettings(),
 ) -> PrunePlan:
     """Keep the experts ``selection`` chooses (the best-scored under ``criterion``, or ``greedy`` sets measured on the
     model), as many per layer as ``allocation`` spreads the budget.
@@ -660,7 +665,7 @@ def plan_for(
         selection_candidates=args.selection_candidates,
         measure_kept_sets=measure_kept_sets,
         search_allocation=search_allocation,
-        search=search_limits(args),
+        search=search_settings(args),
     )
     plan.metadata.setdefault("statistics", args.statistics_file)
     return plan

@@ -26,7 +26,7 @@ from moe_specialist.architectures import MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
 from moe_specialist.configs import CalibrationArguments
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, KeptSets, SearchLimits
+from moe_specialist.plan import Budget, KeptSets, SearchSettings
 from moe_specialist.prune import keeping_only
 from moe_specialist.selection import from_rank_zero, greedy_sets, rank_and_world
 from moe_specialist.stats import IGNORE, ROLES
@@ -155,7 +155,7 @@ class ModelMeter:
         return self.measured[key]
 
     def search_allocation(
-        self, kept: list[list[int]], scores: torch.Tensor, budget: Budget, limits: SearchLimits
+        self, kept: list[list[int]], scores: torch.Tensor, budget: Budget, limits: SearchSettings
     ) -> tuple[list[list[int]], dict]:
         """:data:`~moe_specialist.plan.SearchAllocation`: ``kept`` refined by
         :func:`~moe_specialist.allocation_search.search_allocation` on the held-out sequences."""

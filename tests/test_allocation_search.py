@@ -15,7 +15,7 @@ from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
 from moe_specialist.configs import PruningArguments
 from moe_specialist.errors import ConfigurationError
-from moe_specialist.plan import Budget, PrunePlan, SearchLimits, check_groups, make_plan
+from moe_specialist.plan import Budget, PrunePlan, SearchSettings, check_groups, make_plan
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import ModelMeter
 from tests.helpers import stats_with
@@ -54,7 +54,7 @@ def plan_with(model, meter: ModelMeter, allocation: str, ratio: float = 0.5, **l
         allocation=allocation,
         measure_layer_costs=meter,
         search_allocation=meter.search_allocation,
-        search=SearchLimits(**{"seconds": 30.0, "evaluations": 40, **limits}),
+        search=SearchSettings(**{"seconds": 30.0, "evaluations": 40, **limits}),
     )
 
 
@@ -128,11 +128,12 @@ def test_moves_keep_group_counts_and_the_minimum_when_every_layer_is_at_it():
     budget = Budget([8, 8], 4, 2, n_group=2, min_per_group=1)
     calls = []
 
-    def objective(kept, top_k):
+    def objective(kept, top_k, onset_weight):
         calls.append(kept)
         return float(sum(sum(ids) for ids in kept))  # lower ids are better
 
-    kept, trace = search_allocation(objective, [[3, 7], [2, 6]], torch.zeros(2, 8), budget, SearchLimits(30.0), [1, 2])
+    start, settings = [[3, 7], [2, 6]], SearchSettings(30.0)
+    kept, trace = search_allocation(objective, start, torch.zeros(2, 8), budget, settings, [1, 2])
     assert all(ids[0] < 4 <= ids[1] for candidate in calls for ids in candidate)  # one kept per group, always
     assert kept == [[0, 4], [0, 4]] and trace["final_kl"] == 8.0 and trace["initial_kl"] == 18.0
     assert trace["stopped"] == "exhausted" and trace["evaluations"] == len(set(calls)) == len(calls)  # none twice
@@ -146,11 +147,11 @@ def test_time_budget_is_honoured(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(allocation_search, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
 
-    def slow(kept, top_k):
+    def slow(kept, top_k, onset_weight):
         clock[0] += 1.0
         return float(hash(kept) % 1000)
 
-    _, trace = search_allocation(slow, [[0, 1, 2, 3]] * 3, torch.zeros(3, 8), budget, SearchLimits(5.5), [0, 1, 2])
+    _, trace = search_allocation(slow, [[0, 1, 2, 3]] * 3, torch.zeros(3, 8), budget, SearchSettings(5.5), [0, 1, 2])
     assert trace["stopped"] == "seconds" and trace["seconds"] == 6.0 and trace["evaluations"] == 6
 
 
@@ -215,3 +216,60 @@ def test_a_run_plans_with_the_search_through_its_meter():
     trace = plan.metadata["allocation_search"]
     assert plan.metadata["allocation"] == "search" and trace["evaluations"] == 5 and trace["seed"] == 2
     assert trace["seconds_budget"] == 60.0 and trace["evaluations_budget"] == 5
+
+
+def per_token_kl(model, pruned_model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(model || pruned_model) per target token over the whole vocabulary, and whether each token is among the
+    first four targets of its sequence (counted directly from the role ids)."""
+    kls, onsets = [], []
+    model.eval(), pruned_model.eval()
+    with torch.no_grad():
+        for input_ids, attention, _, roles in batches:
+            targets = (roles == 1)[:, 1:]
+            p, q = (
+                m(input_ids=input_ids, attention_mask=attention).logits[:, :-1][targets].log_softmax(-1)
+                for m in (model, pruned_model)
+            )
+            kls.append((p.exp() * (p - q)).sum(-1))
+            for row in targets:
+                onsets.append(torch.tensor([i < 4 for i in range(int(row.sum()))]))
+    return torch.cat(kls), torch.cat(onsets)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_onset_weight_adds_the_kl_of_the_first_target_tokens(arch):
+    """The objective with ``onset_weight`` w is the mean KL over every target token plus w times the mean KL over
+    the first 4 target tokens of each sequence (shorter targets: all of them), and the search minimises that."""
+    model = tiny_model(arch)
+    moe = find_moe(model)
+    generator = torch.Generator().manual_seed(5)
+    sequences = [  # targets of 2, 6 and 9 tokens after sources of 9, 5 and 2 (one length: no padding)
+        (0, torch.randint(3, 97, (s + t,), generator=generator).tolist(), [0] * s + [1] * t)
+        for s, t in [(9, 2), (5, 6), (2, 9)]
+    ]
+    batches = list(calibration_batches(sequences, 2, 0))
+    meter = meter_for(model)
+    start = plan_with(model, meter, "sensitivity")
+    pruned_model = copy.deepcopy(model)
+    prune_model(pruned_model, start)
+    kl, onset = per_token_kl(model, pruned_model, batches)
+    assert int(onset.sum()) == 2 + 4 + 4
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(allocation_search, "REFERENCE_TOP", 97)  # the whole vocabulary: the objective is exact
+        objective = TargetKL(model, moe, batches)
+        assert objective.onset_tokens == 10 and objective.tokens == 17
+        assert objective(kept_of(start), None, 0.0) == pytest.approx(float(kl.mean()), rel=1e-4)
+        weighted = float(kl.mean() + 3.0 * kl[onset].mean())
+        assert objective(kept_of(start), None, 3.0) == pytest.approx(weighted, rel=1e-4)
+    plan = plan_with(model, meter, "search", onset_weight=3.0, evaluations=20)
+    trace = plan.metadata["allocation_search"]
+    assert trace["onset_weight"] == 3.0
+    assert trace["initial_kl"] == pytest.approx(meter.held_out(kept_of(start), None, 3.0), abs=1e-6)
+    assert trace["final_kl"] == pytest.approx(meter.held_out(kept_of(plan), None, 3.0), abs=1e-6)
+    assert trace["final_kl"] <= trace["initial_kl"]
+
+
+def test_onset_weight_must_be_finite_and_not_negative():
+    message = r"^allocation_search_onset_weight must be a finite number >= 0, got -1"
+    with pytest.raises(ConfigurationError, match=message):
+        PruningArguments(allocation_search_onset_weight=-1.0)

@@ -23,7 +23,7 @@ from moe_specialist import allocation_search
 from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibration_batches
-from moe_specialist.plan import Budget, SearchLimits
+from moe_specialist.plan import Budget, SearchSettings
 from tests.helpers import run_two_ranks
 from tests.tiny_models import tiny_model
 
@@ -31,7 +31,7 @@ SCORES = torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torc
 START = [[0, 1, 2, 3]] * 4  # 16 of 32 experts
 
 
-def search(limits: SearchLimits) -> tuple[list[list[int]], dict]:
+def search(limits: SearchSettings) -> tuple[list[list[int]], dict]:
     """The search on the tiny Qwen3-MoE, scored on random token batches (two, one per rank under two ranks)."""
     model = tiny_model("qwen3_moe")
     generator = torch.Generator().manual_seed(0)
@@ -46,7 +46,7 @@ def worker(output: Path) -> None:
     if rank == 0:  # a clock one second further at every reading: rank 0's time runs out after a known candidate
         ticks = itertools.count()
         allocation_search.time = types.SimpleNamespace(monotonic=lambda: float(next(ticks)))
-    kept, trace = search(SearchLimits(seconds=4.0 if rank == 0 else 600.0))  # rank 1 must stop with rank 0
+    kept, trace = search(SearchSettings(seconds=4.0 if rank == 0 else 600.0))  # rank 1 must stop with rank 0
     (output / f"rank-{rank}.json").write_text(json.dumps({"kept": kept, "trace": trace}))
     dist.destroy_process_group()
 
@@ -64,7 +64,7 @@ def test_two_ranks_search_as_one_process(tmp_path):
         k: v for k, v in ranks[1]["trace"].items() if k not in timing
     }  # the same values (all-reduced), the same candidates, the same stop
     # one process scoring both batches, as many candidates: the same values, the same plan
-    kept, alone = search(SearchLimits(seconds=600.0, evaluations=trace["evaluations"]))
+    kept, alone = search(SearchSettings(seconds=600.0, evaluations=trace["evaluations"]))
     assert kept == ranks[0]["kept"] and alone["final_kl"] == pytest.approx(trace["final_kl"], abs=1e-6)
     assert [{**step, "kl": 0} for step in alone["accepted"]] == [{**step, "kl": 0} for step in trace["accepted"]]
 

@@ -22,7 +22,7 @@ from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
 from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
-from moe_specialist.plan import PLAN_FILE, PrunePlan, make_plan, search_limits
+from moe_specialist.plan import PLAN_FILE, PrunePlan, make_plan, search_settings
 from moe_specialist.plots import plot_quality_curve
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import layer_cost_meter
@@ -97,7 +97,7 @@ class Sweep:
             selection_candidates=self.pruning.selection_candidates,
             measure_kept_sets=self.measure_layer_costs.greedy_sets,
             search_allocation=self.measure_layer_costs.search_allocation,
-            search=search_limits(self.pruning),
+            search=search_settings(self.pruning),
         )
 
     def run_point(self, point: Point) -> dict:
