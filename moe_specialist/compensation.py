@@ -1,0 +1,269 @@
+"""Compensation after pruning: re-fit the kept experts of each MoE layer to reproduce the unpruned layer's output.
+
+Removing experts changes each MoE block's output on the tokens that were routed to them; the kept experts can absorb
+part of that change. :func:`refit_experts` goes layer by layer, in order: it captures the inputs of the pruned block
+(after the earlier layers were re-fitted, so each layer corrects what reaches it), takes the unpruned block's output
+on those same inputs as the target, and trains only the pruned block's expert tensors to match it on real tokens. The
+router is frozen, so the routing among the kept experts stays what the plan's pruning gives. A least-squares fit on
+a few hundred sequences overfits (a naive ridge re-fit lost to plain removal on the demo), so every layer is scored
+on held-out sequences: the best step by held-out error is kept, and a layer that does not improve on held-out tokens
+gets its original weights back, bit for bit. Everything goes through the modules' own forward and autograd, so it
+works for every architecture :func:`~moe_specialist.architectures.find_moe` supports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+from torch import nn
+
+from moe_specialist.architectures import MoEModel, find_moe
+from moe_specialist.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 4096  # tokens per block forward when scoring (bounds the memory of one forward)
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop a forward pass once the block's input is in hand."""
+
+
+def _check_pair(pruned: MoEModel, reference: MoEModel) -> None:
+    """The reference must be the unpruned model of the same architecture, a separate copy."""
+    fix = "pass the unpruned model the pruned one was copied from (e.g. the base before prune_model)"
+    if pruned.model is reference.model:
+        raise ConfigurationError(f"The pruned and the reference model are the same object: {fix}.")
+    if pruned.model_type != reference.model_type or pruned.layer_indices != reference.layer_indices:
+        raise ConfigurationError(
+            f"The pruned model ({pruned.model_type}, MoE layers {pruned.layer_indices}) and the reference model "
+            f"({reference.model_type}, MoE layers {reference.layer_indices}) are not the same architecture: {fix}."
+        )
+    for kept, full in zip(pruned.layers, reference.layers, strict=True):
+        if kept.num_experts > full.num_experts:
+            raise ConfigurationError(
+                f"Layer {kept.layer_index} of the pruned model has {kept.num_experts} experts, more than the "
+                f"reference model's {full.num_experts}: the models are swapped; {fix}."
+            )
+
+
+def _block_output(block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The block's output ``[tokens, hidden]`` on ``inputs`` ``[tokens, hidden]`` (fed as one sequence: routed
+    blocks treat tokens independently); blocks that return a tuple (e.g. GPT-OSS: output, router scores) give [0]."""
+    output = block(inputs.unsqueeze(0))
+    output = output[0] if isinstance(output, tuple) else output
+    return output.reshape(-1, output.shape[-1])
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of ``block`` on the real (non-padding) tokens of ``batches`` ``[tokens, hidden]``, and each
+    token's sequence number ``[tokens]``; the forward stops at the block."""
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    inputs, sequences, offset = [], [], 0
+    try:
+        for input_ids, attention, *_ in batches:
+            with suppress(_Captured):
+                model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            hidden = captured.pop().reshape(*attention.shape, -1)
+            real = attention.bool()
+            inputs.append(hidden[real.to(hidden.device)])
+            rows = torch.arange(offset, offset + len(attention)).unsqueeze(1).expand_as(attention)
+            sequences.append(rows[real])
+            offset += len(attention)
+    finally:
+        handle.remove()
+    return torch.cat(inputs), torch.cat(sequences)
+
+
+@torch.no_grad()
+def _outputs(block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_block_output(block, chunk) for chunk in inputs.split(CHUNK_TOKENS)])
+
+
+@torch.no_grad()
+def _error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean squared error of the block's output against ``targets``, over tokens and hidden units."""
+    total = sum(
+        float((_block_output(block, x).float() - t.float()).pow(2).sum())
+        for x, t in zip(inputs.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS), strict=True)
+    )
+    return total / max(1, targets.numel())
+
+
+@contextmanager
+def _trainable(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``parameters`` whatever their ``requires_grad`` was (a frozen model can be re-fitted too)."""
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(parameters, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _fit_layer(
+    block: nn.Module,
+    parameters: list[nn.Parameter],
+    fit: tuple[torch.Tensor, torch.Tensor],
+    held_out: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_tokens: int,
+    eval_every: int,
+    proximal: float,
+    generator: torch.Generator,
+) -> dict:
+    """Adam on ``parameters`` against the targets of ``fit``; the weights of the best step by held-out error stay
+    (the original ones, exactly, when no step beats them)."""
+    original = [p.detach().clone() for p in parameters]
+    before = _error(block, *held_out)
+    best, best_step, best_weights = before, 0, original
+    if before > 0 and steps > 0:
+        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+        scale = sum(float(w.pow(2).sum()) for w in original) or 1.0
+        inputs, targets = fit
+        with _trainable(parameters), torch.enable_grad():
+            for step in range(1, steps + 1):
+                index = torch.randint(len(inputs), (min(batch_tokens, len(inputs)),), generator=generator)
+                output = _block_output(block, inputs[index.to(inputs.device)])
+                loss = (output.float() - targets[index.to(targets.device)].float()).pow(2).mean()
+                if proximal:
+                    drift = sum((p - w).pow(2).sum() for p, w in zip(parameters, original, strict=True))
+                    loss = loss + proximal * drift / scale
+                gradients = torch.autograd.grad(loss, parameters)
+                for p, g in zip(parameters, gradients, strict=True):
+                    p.grad = g
+                optimizer.step()
+                if step % eval_every == 0 or step == steps:
+                    error = _error(block, *held_out)
+                    if error < best:
+                        best, best_step, best_weights = error, step, [p.detach().clone() for p in parameters]
+        for p in parameters:
+            p.grad = None
+    with torch.no_grad():
+        for p, w in zip(parameters, best_weights, strict=True):
+            p.copy_(w)
+    power = float(held_out[1].float().pow(2).mean())  # the scale the errors compare to
+    return {
+        "held_out_error_before": before,
+        "held_out_error_after": best,
+        "target_power": power,
+        "steps_kept": best_step,
+    }
+
+
+def _held_out_sequences(batches: list, share: float, generator: torch.Generator) -> torch.Tensor:
+    """The numbers of a seeded ``share`` of the sequences of ``batches`` (at least one, never all)."""
+    total = sum(len(input_ids) for input_ids, *_ in batches)
+    if total < 2:
+        raise ConfigurationError(
+            "Re-fitting experts holds out some calibration sequences, but the batches hold only one: pass more "
+            "sequences, or held-out batches (held_out=...)."
+        )
+    count = min(total - 1, max(1, round(share * total)))
+    return torch.randperm(total, generator=generator)[:count]
+
+
+def refit_experts(
+    pruned_model: nn.Module,
+    reference_model: nn.Module,
+    batches: list,
+    held_out: list | None = None,
+    *,
+    steps: int = 200,
+    learning_rate: float = 1e-4,
+    batch_tokens: int = 1024,
+    eval_every: int = 20,
+    proximal: float = 0.0,
+    held_out_share: float = 0.25,
+    seed: int = 0,
+) -> dict:
+    """Re-fit the routed experts of ``pruned_model`` (in place), layer by layer, so that each MoE block reproduces
+    ``reference_model``'s block (the unpruned model it was pruned from) on the same inputs; return the trace.
+
+    ``batches`` are calibration batches ``(input_ids, attention_mask, ...)`` as
+    :func:`moe_specialist.sensitivity.calibration_sample` gives them; only tokens with attention count. ``held_out``
+    (batches of other sequences) scores each step; without it, ``held_out_share`` of the sequences of ``batches``
+    is held out instead. Each layer runs ``steps`` Adam steps (``learning_rate``) on ``batch_tokens`` tokens drawn
+    with ``seed``, scores every ``eval_every`` steps, keeps the best, and keeps its original weights unless the
+    held-out error went down. ``proximal`` adds a penalty on the squared distance to the original expert weights
+    (relative to their squared norm). The router, shared experts and every other tensor stay as they are.
+    """
+    if not batches:
+        raise ConfigurationError("Re-fitting experts needs calibration batches to fit on; none were given.")
+    if steps < 0 or learning_rate <= 0 or batch_tokens < 1 or eval_every < 1 or proximal < 0:
+        raise ConfigurationError(
+            f"Re-fit settings out of range (steps={steps}, learning_rate={learning_rate}, batch_tokens="
+            f"{batch_tokens}, eval_every={eval_every}, proximal={proximal}): steps >= 0, learning_rate > 0, "
+            "batch_tokens >= 1, eval_every >= 1 and proximal >= 0."
+        )
+    if held_out is None and not 0 < held_out_share < 1:
+        raise ConfigurationError(f"held_out_share={held_out_share} must lie strictly between 0 and 1.")
+    started = time.monotonic()
+    pruned, reference = find_moe(pruned_model), find_moe(reference_model)
+    _check_pair(pruned, reference)
+    modes = [(model, model.training) for model in (pruned_model, reference_model)]
+    pruned_model.eval()
+    reference_model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    held_out_ids = None if held_out is not None else _held_out_sequences(batches, held_out_share, generator)
+    layers, tokens = [], {}
+    try:
+        for layer, full in zip(pruned.layers, reference.layers, strict=True):
+            inputs, sequences = _block_inputs(pruned_model, layer.block, batches)
+            if held_out is None:
+                mask = torch.isin(sequences, held_out_ids)
+                held_inputs, inputs = inputs[mask.to(inputs.device)], inputs[~mask.to(inputs.device)]
+            else:
+                held_inputs, _ = _block_inputs(pruned_model, layer.block, held_out)
+            tokens = {"fit": len(inputs), "held_out": len(held_inputs)}
+            parameters = list(layer.experts.parameters())
+            trace = _fit_layer(
+                layer.block,
+                parameters,
+                (inputs, _outputs(full.block, inputs)),
+                (held_inputs, _outputs(full.block, held_inputs)),
+                steps=steps,
+                learning_rate=learning_rate,
+                batch_tokens=batch_tokens,
+                eval_every=eval_every,
+                proximal=proximal,
+                generator=generator,
+            )
+            trace = {"layer": layer.layer_index, "experts": layer.num_experts, **trace}
+            trace["accepted"] = trace["steps_kept"] > 0
+            logger.info("Expert re-fit: %s", trace)
+            layers.append(trace)
+    finally:
+        for model, training in modes:
+            model.train(training)
+    return {
+        "method": "refit_experts",
+        "settings": {
+            "steps": steps,
+            "learning_rate": learning_rate,
+            "batch_tokens": batch_tokens,
+            "eval_every": eval_every,
+            "proximal": proximal,
+            "held_out": "batches" if held_out is not None else held_out_share,
+            "seed": seed,
+        },
+        "tokens": tokens,
+        "layers": layers,
+        "seconds": round(time.monotonic() - started, 2),
+    }
