@@ -161,6 +161,11 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--pruning_allocation",
+        default="sensitivity",
+        help="The plans' allocation (the README table used sensitivity, the recipe's default before search).",
+    )
     parser.add_argument("--recipe_flags", nargs="*", default=[], help="More recipe flags for every run.")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -171,7 +176,8 @@ def main() -> None:
         for steps in args.steps:
             for variant in args.variants:
                 plan, stats = out / "plans" / f"r{ratio}.json", out / "stats.safetensors"
-                row = run_one(out, ratio, variant, steps, plan, stats, args.recipe_flags)
+                flags = ["--pruning_allocation", args.pruning_allocation, *args.recipe_flags]
+                row = run_one(out, ratio, variant, steps, plan, stats, flags)
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("ratio", "variant", "steps", "wall_seconds")} | {
                     "dev": row["dev"]["chrf++"], "test": row["test"]["chrf++"]}), flush=True)  # fmt: skip
