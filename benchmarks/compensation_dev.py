@@ -7,7 +7,7 @@ step on the 64 held-out calibration sequences, and translates 200 dev verses en-
 new tokens). Plain removal is the sweep point's own ``result.json`` (the same model, plan and decoding).
 
     OMP_NUM_THREADS=1 python -m benchmarks.compensation_dev --sweep_dir outputs/search-dev \
-        --output_dir outputs/compensation-dev --learning_rate 1e-3 --steps 200
+        --output_dir outputs/compensation-dev --learning_rate 3e-3 --steps 200
 
 Writes ``rows.json`` (one row per plan and setting: plain and re-fit scores, the re-fit trace) and ``results.md``;
 a rerun skips finished rows. Dev only: the evaluation split is fixed to dev.
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", default=["0.500", "0.625", "0.750", "0.875"])
     parser.add_argument("--methods", nargs="+", default=["gate_mass-sensitivity", "gate_mass-search"])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--proximal", type=float, default=0.0)
     args = parser.parse_args()
     settings = {"steps": args.steps, "learning_rate": args.learning_rate, "proximal": args.proximal}
