@@ -18,6 +18,7 @@ Bad input is reported as one paragraph, ``moe-specialist <command>: error: ...``
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -91,7 +92,7 @@ class PruneModeArguments:
         default="auto",
         metadata={
             "help": "disk: rewrite safetensors shard by shard (no model in memory); memory: load, prune, save; "
-            "auto: disk for local checkpoints."
+            "auto: disk for local checkpoints without compensation, else memory."
         },
     )
 
@@ -228,6 +229,12 @@ def cmd_plan(argv: list[str]) -> None:
     from moe_specialist.stats import RoutingStats
 
     model_args, remote, pruning, output = _parse("plan", (PruningArguments, OutputArguments), argv)
+    if pruning.compensation != "none":
+        raise ConfigurationError(
+            f"--compensation {pruning.compensation} changes the pruned model's weights, not which experts it keeps, "
+            "so a plan does not hold it: plan without it, then pass it to `moe-specialist prune --compensation "
+            f"{pruning.compensation}` (or to the sweep or `moe_specialist.train`)."
+        )
     path = output.checked()
     stats = RoutingStats.load(pruning.statistics_file) if pruning.statistics_file else None
     name = model_args.model_name_or_path
@@ -260,36 +267,49 @@ def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.plan import PLAN_FILE, PrunePlan
     from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model
 
-    model_args, remote, pruning, inputs, output = _parse(
-        "prune", (PruningArguments, PruneModeArguments, OutputArguments), argv
+    model_args, remote, pruning, calibration, inputs, output = _parse(
+        "prune", (PruningArguments, CalibrationArguments, PruneModeArguments, OutputArguments), argv
     )
     if inputs.mode not in ("disk", "memory", "auto"):
         raise ConfigurationError(f"--mode must be disk, memory or auto, not {inputs.mode!r}.")
+    compensated = pruning.compensation != "none"
+    if compensated and inputs.mode == "disk":
+        raise ConfigurationError(
+            f"--compensation {pruning.compensation} re-fits the kept experts against the unpruned model in memory, "
+            "which --mode disk never loads: use --mode memory (or auto), or --compensation none."
+        )
     if not pruning.prune_plan:
         raise ConfigurationError("--prune_plan is required: a prune plan JSON from `moe-specialist plan`.")
     plan = PrunePlan.load(pruning.prune_plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()
     path = output.checked(protected=local_model_dirs(source))
-    mode = inputs.mode if inputs.mode != "auto" else ("disk" if local else "memory")
+    mode = inputs.mode if inputs.mode != "auto" else ("disk" if local and not compensated else "memory")
     if mode == "disk":
         if not local:
             source = download_checkpoint(source, model_args.model_revision)
         prune_checkpoint(source, plan, path, overwrite=output.overwrite, source_name=model_args.model_name_or_path)
     else:
         from moe_specialist.architectures import find_moe
+        from moe_specialist.compensation import COMPENSATION_FILE, calibration_refit
 
         model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, source)
         moe = find_moe(model)
         summary_before = summarize_moe(moe)
+        unpruned = copy.deepcopy(model) if compensated else None
         prune_model(model, plan, moe)
+        extra_files = {PLAN_FILE: json.dumps(plan.to_dict(), indent=2)}
+        if unpruned is not None:
+            refit = calibration_refit(tokenizer, calibration, pruning.sensitivity_examples)
+            extra_files[COMPENSATION_FILE] = json.dumps(refit(model, unpruned), indent=2)
+            del unpruned
         card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, summarize_moe(moe), moe.routing)
         save_pruned_model(
             model,
             path,
             tokenizer,
             overwrite=output.overwrite,
-            extra_files={"README.md": card, PLAN_FILE: json.dumps(plan.to_dict(), indent=2)},
+            extra_files={"README.md": card, **extra_files},
             protected=local_model_dirs(source),
         )
     print(f"wrote {path} ({mode}): kept per layer {[len(v) for v in plan.kept_experts.values()]}")

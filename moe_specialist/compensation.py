@@ -13,9 +13,10 @@ works for every architecture :func:`~moe_specialist.architectures.find_moe` supp
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from moe_specialist.architectures import MoEModel, find_moe
 from moe_specialist.errors import ConfigurationError
+from moe_specialist.sensitivity import calibration_sample
 
 logger = logging.getLogger(__name__)
 
@@ -270,3 +272,18 @@ def refit_experts(
         "layers": layers,
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+COMPENSATION_FILE = "compensation.json"  # its trace, beside a pruned checkpoint that was compensated
+
+# A compensation as runs and sweeps apply it: (pruned model, the unpruned model it was pruned from) -> its trace.
+Compensation = Callable[[nn.Module, nn.Module], dict]
+
+
+def calibration_refit(tokenizer, calibration, examples: int) -> Compensation:
+    """The ``refit`` compensation as a run or a sweep applies it: ``(pruned model, unpruned model) -> trace``, fitted
+    on ``examples`` calibration sequences (those the sensitivity allocation measures on) and checked on as many
+    held-out ones (those the search allocation scores on)."""
+    batches = calibration_sample(tokenizer, calibration, examples)
+    held_out = calibration_sample(tokenizer, calibration, examples, held_out=True)
+    return functools.partial(refit_experts, batches=batches, held_out=held_out)

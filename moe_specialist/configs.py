@@ -32,6 +32,7 @@ DEFAULT_DIRECTIONS = ("en-fr",)
 CRITERION_NAMES = ("frequency", "gate_mass", "reap", "output_mass", "language_aware", "random")
 ALLOCATION_NAMES = ("uniform", "global", "coverage", "sensitivity", "search")
 SELECTION_NAMES = ("ranked", "greedy")
+COMPENSATION_NAMES = ("none", "refit")
 
 
 def split_list(value: str | list | None) -> list | None:
@@ -278,6 +279,14 @@ class PruningArguments:
             "(where the output language is chosen: against wrong-language output at high ratios)."
         },
     )
+    compensation: str = field(
+        default="none",
+        metadata={
+            "help": "none | refit (after pruning, each MoE layer's kept experts are re-fitted, layer by layer, to "
+            "reproduce the unpruned layer's output on sensitivity_examples calibration sequences, checked on as many "
+            "held-out ones; needs the model in memory: prune_mode memory, not ZeRO-3)"
+        },
+    )
     pruning_selection: str = field(
         default="ranked",
         metadata={
@@ -315,8 +324,8 @@ class PruningArguments:
     sensitivity_examples: int = field(
         default=64,
         metadata={
-            "help": "Calibration sequences the sensitivity allocation and the greedy selection measure on (the "
-            "search allocation scores on as many others)."
+            "help": "Calibration sequences the sensitivity allocation, the greedy selection and the refit "
+            "compensation measure on (the search allocation and the refit's check use as many others)."
         },
     )
 
@@ -331,6 +340,10 @@ class PruningArguments:
         if self.pruning_allocation not in ALLOCATION_NAMES:
             raise ConfigurationError(
                 f"Unknown pruning_allocation {self.pruning_allocation!r}; choose one of {sorted(ALLOCATION_NAMES)}."
+            )
+        if self.compensation not in COMPENSATION_NAMES:
+            raise ConfigurationError(
+                f"Unknown compensation {self.compensation!r}; choose one of {list(COMPENSATION_NAMES)}."
             )
         if self.pruning_selection not in SELECTION_NAMES:
             raise ConfigurationError(

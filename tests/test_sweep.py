@@ -18,7 +18,7 @@ from tests.tiny_models import tiny_model
 
 def test_points_grid_shares_the_baseline_and_seeds_random():
     args = SweepArguments(ratios="0,0.5,0.75", criteria="frequency,random", random_seeds=3, sft_at="0.75")
-    points = sweep_points(args, "frequency", 0, "uniform")
+    points = sweep_points(args, "frequency", 0, "uniform", "none")
     ids = [p.id for p in points]
     assert ids[0] == "r0.000-frequency-uniform" and "r0.000-random-uniform-s0" not in ids  # one unpruned baseline
     assert {"r0.500-random-uniform-s0", "r0.500-random-uniform-s1", "r0.500-random-uniform-s2"} <= set(ids)
@@ -29,21 +29,22 @@ def test_points_grid_shares_the_baseline_and_seeds_random():
 
 def test_grid_errors():
     with pytest.raises(ValueError, match=r"--sft_at ratios \[0.9\] are not among --ratios"):
-        sweep_points(SweepArguments(ratios="0,0.5", sft_at="0.9"), "frequency", 0, "uniform")
+        sweep_points(SweepArguments(ratios="0,0.5", sft_at="0.9"), "frequency", 0, "uniform", "none")
     with pytest.raises(ValueError, match="--sft_criteria"):
         sweep_points(
             SweepArguments(ratios="0,0.5", criteria="reap", sft_at="0.5", sft_criteria="gate_mass"),
             "frequency",
             0,
             "uniform",
+            "none",
         )
     with pytest.raises(ValueError, match="Unknown allocation 'smart' in --criteria"):
-        sweep_points(SweepArguments(ratios="0,0.5", criteria="reap@smart"), "frequency", 0, "uniform")
+        sweep_points(SweepArguments(ratios="0,0.5", criteria="reap@smart"), "frequency", 0, "uniform", "none")
 
 
 def test_methods_combine_criteria_and_allocations():
     args = SweepArguments(ratios="0,0.5", criteria="frequency@coverage,frequency,random@global", random_seeds=2)
-    ids = [p.id for p in sweep_points(args, "frequency", 0, "uniform")]
+    ids = [p.id for p in sweep_points(args, "frequency", 0, "uniform", "none")]
     assert ids == [
         "r0.000-frequency-coverage",
         "r0.500-frequency-coverage",

@@ -15,8 +15,9 @@ class SweepArguments:
     criteria: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Methods to compare: a criterion, or criterion@allocation (e.g. frequency@coverage); "
-            "default: the recipe's pruning_criterion with its pruning_allocation."
+            "help": "Methods to compare: a criterion, criterion@allocation (e.g. frequency@coverage), and "
+            "+compensation after it (e.g. gate_mass@search+refit, or +none); default: the recipe's "
+            "pruning_criterion with its pruning_allocation and compensation."
         },
     )
     random_seeds: int = field(default=3, metadata={"help": "Seeds of the random baseline (reported as their mean)."})
@@ -46,24 +47,36 @@ class SweepArguments:
         if missing:
             raise ConfigurationError(f"--sft_at ratios {missing} are not among --ratios {self.ratios}.")
         for method in [*(self.criteria or []), *(self.sft_criteria or [])]:
-            # only the method's own names: PruningArguments checks the recipe's allocation, which fills in the rest
-            split_method(method, PruningArguments.pruning_allocation)
+            # only the method's own names: PruningArguments checks the recipe's defaults, which fill in the rest
+            split_method(method, PruningArguments.pruning_allocation, PruningArguments.compensation)
 
 
-def split_method(method: str, default_allocation: str) -> tuple[str, str]:
-    """``criterion@allocation`` -> (criterion, allocation); a bare criterion takes the recipe's allocation."""
-    from moe_specialist.configs import ALLOCATION_NAMES
+def split_method(method: str, default_allocation: str, default_compensation: str) -> tuple[str, str, str]:
+    """``criterion@allocation+compensation`` -> (criterion, allocation, compensation); what a method leaves out
+    takes the recipe's value."""
+    from moe_specialist.configs import ALLOCATION_NAMES, COMPENSATION_NAMES
     from moe_specialist.plan import CRITERIA
 
+    method, _, compensation = method.partition("+")
     criterion, _, allocation = method.partition("@")
-    allocation = allocation or default_allocation
+    allocation, compensation = allocation or default_allocation, compensation or default_compensation
     if criterion not in CRITERIA:
         raise ConfigurationError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
     if allocation not in ALLOCATION_NAMES:
         raise ConfigurationError(
             f"Unknown allocation {allocation!r} in --criteria; choose among {sorted(ALLOCATION_NAMES)}."
         )
-    return criterion, allocation
+    if compensation not in COMPENSATION_NAMES:
+        raise ConfigurationError(
+            f"Unknown compensation {compensation!r} in --criteria; choose among {list(COMPENSATION_NAMES)}."
+        )
+    return criterion, allocation, compensation
+
+
+def method_name(criterion: str, allocation: str, compensation: str) -> str:
+    """The canonical name of a method (a point's id names it): ``criterion@allocation``, then ``+compensation``
+    unless it is none (so that sweeps without compensation keep their point ids)."""
+    return f"{criterion}@{allocation}" + (f"+{compensation}" if compensation != "none" else "")
 
 
 @dataclass(frozen=True)
@@ -74,17 +87,30 @@ class Point:
     sft: bool
 
     @property
+    def method(self) -> tuple[str, str, str]:
+        """``(criterion, allocation, compensation)`` of the point's canonical method name (:func:`method_name`)."""
+        method, _, compensation = self.criterion.partition("+")
+        criterion, _, allocation = method.partition("@")
+        return criterion, allocation, compensation or "none"
+
+    @property
     def id(self) -> str:
         seed = f"-s{self.seed}" if self.criterion.startswith("random") else ""
-        return f"r{self.target_ratio:.3f}-{self.criterion.replace('@', '-')}{seed}{'-sft' if self.sft else ''}"
+        method = self.criterion.replace("@", "-").replace("+", "-")
+        return f"r{self.target_ratio:.3f}-{method}{seed}{'-sft' if self.sft else ''}"
 
 
-def sweep_points(args: SweepArguments, default_criterion: str, seed: int, default_allocation: str) -> list[Point]:
+def sweep_points(
+    args: SweepArguments, default_criterion: str, seed: int, default_allocation: str, default_compensation: str
+) -> list[Point]:
     """The grid of ratios x methods; ``args`` checked their own values when built (see SweepArguments)."""
     sft_at = args.sft_at or []
-    # always criterion@allocation: a point's id (and so its reuse on resume) names both
-    criteria = ["@".join(split_method(m, default_allocation)) for m in args.criteria or [default_criterion]]
-    sft_criteria = ["@".join(split_method(m, default_allocation)) for m in args.sft_criteria or []]
+
+    def canonical(method: str) -> str:  # a point's id (and so its reuse on resume) names the whole method
+        return method_name(*split_method(method, default_allocation, default_compensation))
+
+    criteria = list(dict.fromkeys(canonical(m) for m in args.criteria or [default_criterion]))  # one point each
+    sft_criteria = [canonical(m) for m in args.sft_criteria or []]
     sft_criteria = sft_criteria or criteria[:1]
     unknown = [c for c in sft_criteria if c not in criteria]
     if unknown:
@@ -94,7 +120,7 @@ def sweep_points(args: SweepArguments, default_criterion: str, seed: int, defaul
         for criterion in criteria:
             if ratio == 0 and criterion != criteria[0]:
                 continue  # nothing is pruned: one baseline serves every criterion
-            is_random = split_method(criterion, default_allocation)[0] == "random"
+            is_random = criterion.startswith("random@")
             seeds = range(args.random_seeds) if is_random and ratio > 0 else [seed]
             for s in seeds:
                 points.append(Point(ratio, criterion, s, False))

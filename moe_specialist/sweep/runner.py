@@ -5,6 +5,7 @@ each written atomically to ``points/<id>/result.json`` so that a rerun resumes; 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import shutil
@@ -18,6 +19,7 @@ from transformers import AutoConfig
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
+from moe_specialist.compensation import calibration_refit
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
@@ -26,7 +28,7 @@ from moe_specialist.plan import PLAN_FILE, PrunePlan, make_plan, search_settings
 from moe_specialist.plots import plot_quality_curve
 from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import layer_cost_meter
-from moe_specialist.sweep.grid import Point, SweepArguments, split_method, sweep_points
+from moe_specialist.sweep.grid import Point, SweepArguments, sweep_points
 from moe_specialist.sweep.outputs import SweepWandb, format_table, heatmap, table_rows, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,11 @@ class Sweep:
         )
         self.examples = data.eval_selection.load()
 
+    @functools.cached_property
+    def refit(self):
+        """The ``refit`` compensation on the sweep's calibration data (encoded on first use)."""
+        return calibration_refit(self.tokenizer, self.calibration, self.pruning.sensitivity_examples)
+
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
 
@@ -107,7 +114,8 @@ class Sweep:
         shutil.rmtree(self.point_dir(point), ignore_errors=True)  # an interrupted point is redone from scratch
         self.point_dir(point).mkdir(parents=True)
         start = time.time()
-        criterion, allocation = split_method(point.criterion, self.pruning.pruning_allocation)
+        criterion, allocation, compensation = point.method
+        compensated = None  # the compensation's trace
         if point.sft:  # the plan of the point without SFT, which always runs first (a search may not repeat itself)
             pruned = self.run_point(replace(point, sft=False))
             plan = PrunePlan.load(self.point_dir(replace(point, sft=False)) / PLAN_FILE)
@@ -121,6 +129,8 @@ class Sweep:
         else:
             model = copy.deepcopy(self.base)
             prune_model(model, plan)
+            if compensation == "refit":
+                compensated = self.refit(model, self.base)
             parameters, size = find_moe(model).parameter_counts(), checkpoint_bytes(model, self.saved_dtype)
             scores = evaluate_translations(model, self.tokenizer, self.examples, **self.generation, progress=False)
             records = {name: direction.pop("records") for name, direction in scores["directions"].items()}
@@ -129,6 +139,7 @@ class Sweep:
             **asdict(point),
             "actual_ratio": plan.metadata["actual_ratio"],
             "allocation": allocation,
+            "compensation": compensation,
             "experts_per_layer": [len(v) for v in plan.kept_experts.values()],
             "parameters": parameters,
             "checkpoint_bytes": size,
@@ -138,6 +149,9 @@ class Sweep:
         }
         if point.sft:
             result["training"] = training["training"]
+            compensated = training.get("pruning", {}).get("compensation")
+        if compensation != "none":
+            result["compensation_trace"] = compensated
         atomic_write_json({**result, "records": records}, self.point_dir(point) / "records.json")
         atomic_write_json(result, done)
         if self.wandb and not point.sft:  # an SFT point's W&B run is its training run
@@ -237,10 +251,17 @@ def run_sweep_cli(argv: list[str]) -> None:
         (*RECIPE_TYPES, SweepArguments), prog=command_name("sweep")
     ).parse(argv)
     points = sweep_points(
-        sweep_args, pruning_args.pruning_criterion, pruning_args.pruning_seed, pruning_args.pruning_allocation
+        sweep_args,
+        pruning_args.pruning_criterion,
+        pruning_args.pruning_seed,
+        pruning_args.pruning_allocation,
+        pruning_args.compensation,
     )
     reused = pruning_args.statistics_file and Path(pruning_args.statistics_file).is_file()
-    check_recipe_data(data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused)
+    compensated = any(p.method[2] != "none" for p in points)  # a compensation fits on calibration data
+    check_recipe_data(
+        data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused or compensated
+    )
     run_dir = Path(training_args.output_dir)
     check_not_an_input(run_dir, local_model_dirs(model_args.model_name_or_path))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,16 +284,17 @@ def run_sweep_cli(argv: list[str]) -> None:
             wandb_job_type="sweep_point",
         )
         if training_args.progressive_ratios:  # every stage plans on its own model, at the point's ratio
-            criterion, allocation = point.criterion.split("@")
+            criterion, allocation, compensation = point.method
             point_pruning = replace(
                 pruning_args,
                 pruning_ratio=point.target_ratio,
                 pruning_criterion=criterion,
                 pruning_allocation=allocation,
+                compensation=compensation,
                 pruning_seed=point.seed,
             )
             return run_progressive(model_args, data_args, calibration_args, point_pruning, point_args)
-        point_pruning = replace(pruning_args, prune_plan=str(point_dir / PLAN_FILE))
+        point_pruning = replace(pruning_args, prune_plan=str(point_dir / PLAN_FILE), compensation=point.method[2])
         return run(model_args, data_args, calibration_args, point_pruning, point_args, stats=sweep.stats)
 
     sweep = Sweep(

@@ -14,6 +14,7 @@ property each: :attr:`PruningCallback.outcome` and :attr:`TranslationEvalCallbac
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -27,6 +28,7 @@ from transformers import TrainerCallback
 
 from moe_specialist.architectures import MoEModel, Routing, find_moe, full_shape
 from moe_specialist.compat import log_as_evaluation
+from moe_specialist.compensation import Compensation
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.errors import ConfigurationError, LaunchError
 from moe_specialist.evaluate import evaluate_translations
@@ -49,6 +51,7 @@ class RunContext:
     plan: PrunePlan | None = None
     eval_examples: dict[str, list[ParallelExample]] = field(default_factory=dict)
     pruned_source: PrunedSource | None = None  # prune_mode: disk
+    compensation: Compensation | None = None  # compensation: refit
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -145,6 +148,7 @@ class PruningOutcome:
     summary_after: dict
     routing: Routing
     seconds: float
+    compensation: dict | None = None  # the compensation's trace (compensation: refit)
 
 
 class PruningCallback(TrainerCallback):
@@ -158,10 +162,17 @@ class PruningCallback(TrainerCallback):
 
     name = "expert_pruning"
 
-    def __init__(self, plan: PrunePlan, output_dir: str | Path, pruned_source: PrunedSource | None = None):
+    def __init__(
+        self,
+        plan: PrunePlan,
+        output_dir: str | Path,
+        pruned_source: PrunedSource | None = None,
+        compensation: Compensation | None = None,
+    ):
         self.plan = plan
         self.output_dir = Path(output_dir)
         self.pruned_source = pruned_source
+        self.compensation = compensation
         self.moe: MoEModel | None = None
         self.outcome: PruningOutcome | None = None
         self._record: dict = {}
@@ -172,7 +183,7 @@ class PruningCallback(TrainerCallback):
             raise ConfigurationError(
                 "expert_pruning needs a prune plan (moe_specialist.training.pipeline makes one from the recipe)."
             )
-        return cls(context.plan, context.training_args.output_dir, context.pruned_source)
+        return cls(context.plan, context.training_args.output_dir, context.pruned_source, context.compensation)
 
     def prune(self, model: torch.nn.Module, optimizer=None, when: str = "direct call") -> PruneReport:
         """Prune ``model`` in place with the plan (or adopt the pruned source it was loaded from); idempotent.
@@ -235,9 +246,12 @@ class PruningCallback(TrainerCallback):
             )
         start = time.time()
         before = summarize_moe(moe)
+        unpruned = copy.deepcopy(model) if self.compensation is not None else None
         report = prune_model(model, self.plan, moe)
+        compensated = self.compensation(model, unpruned) if unpruned is not None else None
+        del unpruned
         seconds = round(time.time() - start, 2)
-        return PruningOutcome(self.plan, report, before, summarize_moe(moe), moe.routing, seconds)
+        return PruningOutcome(self.plan, report, before, summarize_moe(moe), moe.routing, seconds, compensated)
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.prune(model, optimizer=optimizer, when="on_init_end")

@@ -207,6 +207,7 @@ def results_record(
             "plan_file": str(setup.output_dir / PLAN_FILE),
             "criterion": pruning.plan.metadata.get("criterion"),
             "allocation": pruning.plan.metadata.get("allocation"),
+            "compensation": pruning.compensation,
             "statistics_file": setup.pruning_args.statistics_file,
             "routing": {"kind": pruning.routing.kind, "exact": pruning.routing.exact},
         }

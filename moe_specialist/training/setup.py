@@ -67,6 +67,31 @@ def zero_stage(training_args) -> int | None:
     return plugin.zero_stage if plugin is not None else None
 
 
+def check_compensation(pruning_args: PruningArguments, training_args) -> None:
+    """``compensation: refit`` fits the pruned model's experts against the unpruned model, both whole in memory."""
+    if pruning_args.compensation == "none":
+        return
+    if "expert_pruning" not in training_args.callbacks:
+        raise ConfigurationError(
+            f"compensation {pruning_args.compensation} follows pruning, but `callbacks` has no expert_pruning: add "
+            "it, or set compensation: none."
+        )
+    why = (
+        "prune_mode disk never holds the unpruned model"
+        if training_args.prune_mode == "disk"
+        else "ZeRO-3 partitions both models"
+        if zero_stage(training_args) == 3
+        else None
+    )
+    if why:
+        raise ConfigurationError(
+            f"compensation {pruning_args.compensation} re-fits the kept experts against the unpruned model, whole "
+            f"in memory on every rank, but {why}: use prune_mode memory without ZeRO-3 (ZeRO-2 or DDP), or prune "
+            "and compensate once with `moe-specialist prune --prune_mode memory --compensation refit` and train "
+            "that checkpoint, or set compensation: none."
+        )
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """``checkpoint-<step>`` directories in step order, leaving out any a killed run was still writing.
 
@@ -196,12 +221,14 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
     """Every check before a model loads (arguments, data, output directory); then the output directory is made."""
     state = PartialState()
     validate_arguments(model_args, training_args)
+    check_compensation(pruning_args, training_args)
+    planned = calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
     check_recipe_data(
         data_args,
         calibration_args,
         train=not training_args.prune_only,
         evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
-        calibrate=calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan,
+        calibrate=planned or pruning_args.compensation != "none",
     )
     if training_args.check_memory:
         measure = calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
