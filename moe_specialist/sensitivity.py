@@ -127,7 +127,7 @@ class ModelMeter:
     ):
         self.model, self.moe, self.tokenizer, self.progress = model, moe, tokenizer, progress
         self.calibration, self.examples = calibration, examples
-        self.measured: dict[tuple, torch.Tensor | KeptSets] = {}
+        self.measured: dict[tuple, torch.Tensor | KeptSets | tuple] = {}
 
     @functools.cached_property
     def batches(self) -> list:
@@ -155,17 +155,24 @@ class ModelMeter:
         return self.measured[key]
 
     def search_allocation(
-        self, kept: list[list[int]], scores: torch.Tensor, budget: Budget, limits: SearchSettings
+        self, kept: list[list[int]], scores: torch.Tensor, budget: Budget, settings: SearchSettings
     ) -> tuple[list[list[int]], dict]:
         """:data:`~moe_specialist.plan.SearchAllocation`: ``kept`` refined by
-        :func:`~moe_specialist.allocation_search.search_allocation` on the held-out sequences."""
-        started = time.monotonic()
-        objective = self.held_out
-        reference_seconds = time.monotonic() - started  # 0 once a plan of the sweep computed it
-        indices = [layer.layer_index for layer in self.moe.layers]
-        kept, trace = search_allocation(objective, kept, scores, budget, limits, indices)
-        measured_on = {"examples": objective.sequences, "target_tokens": objective.tokens}
-        return kept, {**trace, **measured_on, "reference_seconds": round(reference_seconds, 2)}
+        :func:`~moe_specialist.allocation_search.search_allocation` on the held-out sequences. The same search
+        (start, scores, budget, settings) is run once per meter: a sweep's methods that differ only in their
+        compensation share the plan."""
+        fields = ("num_experts", "keep_total", "min_keep", "n_group", "min_per_group", "top_k")
+        key = ("search", str(kept), scores.numpy().tobytes(), str([getattr(budget, f) for f in fields]), settings)
+        if key not in self.measured:
+            started = time.monotonic()
+            objective = self.held_out
+            reference_seconds = time.monotonic() - started  # 0 once a plan of the sweep computed it
+            indices = [layer.layer_index for layer in self.moe.layers]
+            refined, trace = search_allocation(objective, kept, scores, budget, settings, indices)
+            measured_on = {"examples": objective.sequences, "target_tokens": objective.tokens}
+            self.measured[key] = refined, {**trace, **measured_on, "reference_seconds": round(reference_seconds, 2)}
+        refined, trace = self.measured[key]
+        return [list(ids) for ids in refined], dict(trace)
 
 
 def layer_cost_meter(

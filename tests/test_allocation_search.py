@@ -273,3 +273,20 @@ def test_onset_weight_must_be_finite_and_not_negative():
     message = r"^allocation_search_onset_weight must be a finite number >= 0, got -1"
     with pytest.raises(ConfigurationError, match=message):
         PruningArguments(allocation_search_onset_weight=-1.0)
+
+
+def test_the_same_search_runs_once_per_meter(monkeypatch):
+    """A sweep's methods that differ only in their compensation (gate_mass@search, gate_mass@search+refit) share
+    one search; another seed is another search."""
+    from moe_specialist import sensitivity
+
+    runs = []
+    monkeypatch.setattr(sensitivity, "search_allocation", lambda *a, **k: runs.append(a) or search_allocation(*a))
+    model = tiny_model("qwen3_moe")
+    meter = meter_for(model)
+    first = plan_with(model, meter, "search", evaluations=6)
+    again = plan_with(model, meter, "search", evaluations=6)
+    assert len(runs) == 1 and first.kept_experts == again.kept_experts
+    assert first.metadata["allocation_search"] == again.metadata["allocation_search"]
+    plan_with(model, meter, "search", evaluations=6, seed=3)
+    assert len(runs) == 2
