@@ -56,7 +56,7 @@ def _check_pair(pruned: MoEModel, reference: MoEModel) -> None:
 def _block_output(block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """The block's output ``[tokens, hidden]`` on ``inputs`` ``[tokens, hidden]`` (fed as one sequence: routed
     blocks treat tokens independently); blocks that return a tuple (e.g. GPT-OSS: output, router scores) give [0]."""
-    output = block(inputs.unsqueeze(0))
+    output = block(inputs.unsqueeze(0).to(next(block.parameters()).dtype))
     output = output[0] if isinstance(output, tuple) else output
     return output.reshape(-1, output.shape[-1])
 
@@ -102,6 +102,21 @@ def _error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> flo
         for x, t in zip(inputs.split(CHUNK_TOKENS), targets.split(CHUNK_TOKENS), strict=True)
     )
     return total / max(1, targets.numel())
+
+
+@contextmanager
+def _in_float32(block: nn.Module) -> Iterator[None]:
+    """A half-precision block is fitted in float32 (Adam's small updates vanish when rounded to bf16 every step),
+    then cast back; a float32 block is left as it is. Untouched tensors round-trip exactly."""
+    dtype = next(block.parameters()).dtype
+    if dtype.itemsize >= 4:
+        yield
+        return
+    block.float()
+    try:
+        yield
+    finally:
+        block.to(dtype)
 
 
 @contextmanager
@@ -237,19 +252,20 @@ def refit_experts(
             else:
                 held_inputs, _ = _block_inputs(pruned_model, layer.block, held_out)
             tokens = {"fit": len(inputs), "held_out": len(held_inputs)}
-            parameters = list(layer.experts.parameters())
-            trace = _fit_layer(
-                layer.block,
-                parameters,
-                (inputs, _outputs(full.block, inputs)),
-                (held_inputs, _outputs(full.block, held_inputs)),
-                steps=steps,
-                learning_rate=learning_rate,
-                batch_tokens=batch_tokens,
-                eval_every=eval_every,
-                proximal=proximal,
-                generator=generator,
-            )
+            fit, checked = (inputs, _outputs(full.block, inputs)), (held_inputs, _outputs(full.block, held_inputs))
+            with _in_float32(layer.block):
+                trace = _fit_layer(
+                    layer.block,
+                    list(layer.experts.parameters()),
+                    fit,
+                    checked,
+                    steps=steps,
+                    learning_rate=learning_rate,
+                    batch_tokens=batch_tokens,
+                    eval_every=eval_every,
+                    proximal=proximal,
+                    generator=generator,
+                )
             trace = {"layer": layer.layer_index, "experts": layer.num_experts, **trace}
             trace["accepted"] = trace["steps_kept"] > 0
             logger.info("Expert re-fit: %s", trace)
