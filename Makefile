@@ -39,13 +39,14 @@ demo: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/moe-specialist sweep --config recipes/demo/en-fr/sweep.yaml \
 		--output_dir $(DEMO_OUTPUT) $(ARGS)
 
-# The full grid (about 4x longer): six ratios x eight methods, random over 3 seeds, 200 recovery steps.
+# The full grid (about 4x longer): six ratios x nine methods, random over 3 seeds, 200 recovery steps.
 DEMO_FULL_OUTPUT ?= outputs/demo-sweep-full
 demo-full: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/moe-specialist sweep --config recipes/demo/en-fr/sweep.yaml \
 		--output_dir $(DEMO_FULL_OUTPUT) --wandb_run_group demo-sweep-full --ratios 0 0.25 0.5 0.625 0.75 0.875 \
-		--criteria gate_mass@search gate_mass@search+none gate_mass@sensitivity+none language_aware@sensitivity+none \
-		frequency@sensitivity+none reap@sensitivity+none frequency@uniform+none random@uniform+none --random_seeds 3 --max_steps 200 $(ARGS)
+		--criteria gate_mass@sensitivity gate_mass@search gate_mass@sensitivity+none gate_mass@search+none \
+		language_aware@sensitivity+none frequency@sensitivity+none reap@sensitivity+none frequency@uniform+none \
+		random@uniform+none --random_seeds 3 --max_steps 200 $(ARGS)
 
 # Re-train the embedded generalist from scratch (hours on 2 CPU cores; resumable), then export it into the package.
 demo-train: install
