@@ -166,6 +166,11 @@ def main() -> None:
         default="sensitivity",
         help="The plans' allocation (the README table used sensitivity, the recipe's default before search).",
     )
+    parser.add_argument(
+        "--compensation",
+        default="none",
+        help="The compensation after pruning (the README table used none, the recipe's default before refit).",
+    )
     parser.add_argument("--recipe_flags", nargs="*", default=[], help="More recipe flags for every run.")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -176,7 +181,10 @@ def main() -> None:
         for steps in args.steps:
             for variant in args.variants:
                 plan, stats = out / "plans" / f"r{ratio}.json", out / "stats.safetensors"
-                flags = ["--pruning_allocation", args.pruning_allocation, *args.recipe_flags]
+                flags = [
+                    "--pruning_allocation", args.pruning_allocation, "--compensation", args.compensation,
+                    *args.recipe_flags,
+                ]  # fmt: skip
                 row = run_one(out, ratio, variant, steps, plan, stats, flags)
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("ratio", "variant", "steps", "wall_seconds")} | {
