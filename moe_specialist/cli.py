@@ -18,7 +18,6 @@ Bad input is reported as one paragraph, ``moe-specialist <command>: error: ...``
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -265,7 +264,7 @@ def cmd_prune(argv: list[str]) -> None:
     from moe_specialist.model_card import pruned_model_card, summarize_moe
     from moe_specialist.models import download_checkpoint, load_from_arguments, local_model_dirs, resolve_model_path
     from moe_specialist.plan import PLAN_FILE, PrunePlan
-    from moe_specialist.prune import prune_checkpoint, prune_model, save_pruned_model
+    from moe_specialist.prune import prune_checkpoint, save_pruned_model
 
     model_args, remote, pruning, calibration, inputs, output = _parse(
         "prune", (PruningArguments, CalibrationArguments, PruneModeArguments, OutputArguments), argv
@@ -291,18 +290,16 @@ def cmd_prune(argv: list[str]) -> None:
         prune_checkpoint(source, plan, path, overwrite=output.overwrite, source_name=model_args.model_name_or_path)
     else:
         from moe_specialist.architectures import find_moe
-        from moe_specialist.compensation import COMPENSATION_FILE, calibration_refit
+        from moe_specialist.compensation import COMPENSATION_FILE, named_compensation, prune_and_compensate
 
         model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, source)
         moe = find_moe(model)
         summary_before = summarize_moe(moe)
-        unpruned = copy.deepcopy(model) if compensated else None
-        prune_model(model, plan, moe)
+        compensation = named_compensation(pruning.compensation, tokenizer, calibration, pruning.sensitivity_examples)
+        _, trace = prune_and_compensate(model, plan, moe, compensation)
         extra_files = {PLAN_FILE: json.dumps(plan.to_dict(), indent=2)}
-        if unpruned is not None:
-            refit = calibration_refit(tokenizer, calibration, pruning.sensitivity_examples)
-            extra_files[COMPENSATION_FILE] = json.dumps(refit(model, unpruned), indent=2)
-            del unpruned
+        if trace is not None:
+            extra_files[COMPENSATION_FILE] = json.dumps(trace, indent=2)
         card = pruned_model_card(model_args.model_name_or_path, plan, summary_before, summarize_moe(moe), moe.routing)
         save_pruned_model(
             model,

@@ -13,6 +13,7 @@ works for every architecture :func:`~moe_specialist.architectures.find_moe` supp
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -24,6 +25,8 @@ from torch import nn
 
 from moe_specialist.architectures import MoEModel, find_moe
 from moe_specialist.errors import ConfigurationError
+from moe_specialist.plan import PrunePlan
+from moe_specialist.prune import PruneReport, prune_model
 from moe_specialist.sensitivity import calibration_sample
 
 logger = logging.getLogger(__name__)
@@ -294,6 +297,26 @@ COMPENSATION_FILE = "compensation.json"  # its trace, beside a pruned checkpoint
 
 # A compensation as runs and sweeps apply it: (pruned model, the unpruned model it was pruned from) -> its trace.
 Compensation = Callable[[nn.Module, nn.Module], dict]
+
+
+def named_compensation(name: str, tokenizer, calibration, examples: int) -> Compensation | None:
+    """The compensation a recipe's ``compensation`` names (None for ``none``), on its calibration data."""
+    return calibration_refit(tokenizer, calibration, examples) if name == "refit" else None
+
+
+def prune_and_compensate(
+    model: nn.Module,
+    plan: PrunePlan,
+    moe: MoEModel | None = None,
+    compensation: Compensation | None = None,
+    unpruned: nn.Module | None = None,
+) -> tuple[PruneReport, dict | None]:
+    """Prune ``model`` in place with ``plan``, then apply ``compensation`` against the unpruned model (``unpruned``,
+    or a copy taken before pruning); returns the prune report and the compensation's trace (None without one)."""
+    if compensation is not None and unpruned is None:
+        unpruned = copy.deepcopy(model)
+    report = prune_model(model, plan, moe)
+    return report, compensation(model, unpruned) if compensation is not None else None
 
 
 def calibration_refit(tokenizer, calibration, examples: int) -> Compensation:

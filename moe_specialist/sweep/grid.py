@@ -51,14 +51,20 @@ class SweepArguments:
             split_method(method, PruningArguments.pruning_allocation, PruningArguments.compensation)
 
 
+def _parts(method: str) -> tuple[str, str, str]:
+    """``criterion@allocation+compensation`` as written: what a method leaves out is ''."""
+    method, _, compensation = method.partition("+")
+    criterion, _, allocation = method.partition("@")
+    return criterion, allocation, compensation
+
+
 def split_method(method: str, default_allocation: str, default_compensation: str) -> tuple[str, str, str]:
     """``criterion@allocation+compensation`` -> (criterion, allocation, compensation); what a method leaves out
     takes the recipe's value."""
     from moe_specialist.configs import ALLOCATION_NAMES, COMPENSATION_NAMES
     from moe_specialist.plan import CRITERIA
 
-    method, _, compensation = method.partition("+")
-    criterion, _, allocation = method.partition("@")
+    criterion, allocation, compensation = _parts(method)
     allocation, compensation = allocation or default_allocation, compensation or default_compensation
     if criterion not in CRITERIA:
         raise ConfigurationError(f"Unknown criterion {criterion!r} in --criteria; choose among {sorted(CRITERIA)}.")
@@ -89,8 +95,7 @@ class Point:
     @property
     def method(self) -> tuple[str, str, str]:
         """``(criterion, allocation, compensation)`` of the point's canonical method name (:func:`method_name`)."""
-        method, _, compensation = self.criterion.partition("+")
-        criterion, _, allocation = method.partition("@")
+        criterion, allocation, compensation = _parts(self.criterion)
         return criterion, allocation, compensation or "none"
 
     @property

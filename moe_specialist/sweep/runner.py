@@ -5,7 +5,6 @@ each written atomically to ``points/<id>/result.json`` so that a rerun resumes; 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import shutil
@@ -19,14 +18,13 @@ from transformers import AutoConfig
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
-from moe_specialist.compensation import calibration_refit
+from moe_specialist.compensation import Compensation, named_compensation, prune_and_compensate
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
 from moe_specialist.models import load_from_arguments, local_model_dirs, resolve_model_path
 from moe_specialist.plan import PLAN_FILE, PrunePlan, make_plan, search_settings
 from moe_specialist.plots import plot_quality_curve
-from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import layer_cost_meter
 from moe_specialist.sweep.grid import Point, SweepArguments, sweep_points
 from moe_specialist.sweep.outputs import SweepWandb, format_table, heatmap, table_rows, write_outputs
@@ -79,11 +77,14 @@ class Sweep:
             self.base, self.moe, self.tokenizer, calibration, pruning.sensitivity_examples
         )
         self.examples = data.eval_selection.load()
+        self.compensations: dict[str, Compensation | None] = {}
 
-    @functools.cached_property
-    def refit(self):
-        """The ``refit`` compensation on the sweep's calibration data (encoded on first use)."""
-        return calibration_refit(self.tokenizer, self.calibration, self.pruning.sensitivity_examples)
+    def compensation(self, name: str) -> Compensation | None:
+        """The compensation ``name`` on the sweep's calibration data (encoded once, on first use)."""
+        if name not in self.compensations:
+            examples = self.pruning.sensitivity_examples
+            self.compensations[name] = named_compensation(name, self.tokenizer, self.calibration, examples)
+        return self.compensations[name]
 
     def point_dir(self, point: Point) -> Path:
         return self.run_dir / "points" / point.id
@@ -128,9 +129,7 @@ class Sweep:
             scores, records = training["scores"]["end"], {"file": training["translations_file"]}
         else:
             model = copy.deepcopy(self.base)
-            prune_model(model, plan)
-            if compensation == "refit":
-                compensated = self.refit(model, self.base)
+            _, compensated = prune_and_compensate(model, plan, None, self.compensation(compensation), self.base)
             parameters, size = find_moe(model).parameter_counts(), checkpoint_bytes(model, self.saved_dtype)
             scores = evaluate_translations(model, self.tokenizer, self.examples, **self.generation, progress=False)
             records = {name: direction.pop("records") for name, direction in scores["directions"].items()}

@@ -14,7 +14,6 @@ property each: :attr:`PruningCallback.outcome` and :attr:`TranslationEvalCallbac
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
@@ -28,14 +27,14 @@ from transformers import TrainerCallback
 
 from moe_specialist.architectures import MoEModel, Routing, find_moe, full_shape
 from moe_specialist.compat import log_as_evaluation
-from moe_specialist.compensation import Compensation
+from moe_specialist.compensation import Compensation, prune_and_compensate
 from moe_specialist.data.example import ParallelExample
 from moe_specialist.errors import ConfigurationError, LaunchError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json
 from moe_specialist.model_card import summarize_moe
 from moe_specialist.plan import PrunePlan
-from moe_specialist.prune import PruneReport, prune_model
+from moe_specialist.prune import PruneReport
 from moe_specialist.training.on_disk import PrunedSource
 
 logger = logging.getLogger(__name__)
@@ -246,10 +245,7 @@ class PruningCallback(TrainerCallback):
             )
         start = time.time()
         before = summarize_moe(moe)
-        unpruned = copy.deepcopy(model) if self.compensation is not None else None
-        report = prune_model(model, self.plan, moe)
-        compensated = self.compensation(model, unpruned) if unpruned is not None else None
-        del unpruned
+        report, compensated = prune_and_compensate(model, self.plan, moe, self.compensation)
         seconds = round(time.time() - start, 2)
         return PruningOutcome(self.plan, report, before, summarize_moe(moe), moe.routing, seconds, compensated)
 

@@ -40,7 +40,7 @@ from transformers.trainer_utils import set_seed
 from moe_specialist.architectures import find_moe, text_config
 from moe_specialist.calibrate import statistics_for
 from moe_specialist.compat import zero3_init_disabled
-from moe_specialist.compensation import calibration_refit
+from moe_specialist.compensation import named_compensation
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.data.prompts import sft_record
 from moe_specialist.errors import ConfigurationError
@@ -401,9 +401,9 @@ def run(
             )
 
         # Trainer (expert_pruning prunes in on_init_end, before the optimizer exists, then compensates)
-        compensation = None
-        if pruning_args.compensation == "refit":
-            compensation = calibration_refit(tokenizer, calibration_args, pruning_args.sensitivity_examples)
+        compensation = named_compensation(
+            pruning_args.compensation, tokenizer, calibration_args, pruning_args.sensitivity_examples
+        )
         context = RunContext(training_args, plan, eval_examples, pruned_source, compensation)
         callbacks = get_callbacks(training_args.callbacks, context)
         moe = find_moe(model)  # before PEFT wraps the experts

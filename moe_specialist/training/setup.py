@@ -87,7 +87,7 @@ def check_compensation(pruning_args: PruningArguments, training_args) -> None:
         raise ConfigurationError(
             f"compensation {pruning_args.compensation} re-fits the kept experts against the unpruned model, whole "
             f"in memory on every rank, but {why}: use prune_mode memory without ZeRO-3 (ZeRO-2 or DDP), or prune "
-            "and compensate once with `moe-specialist prune --prune_mode memory --compensation refit` and train "
+            "and compensate once with `moe-specialist prune --mode memory --compensation refit` and train "
             "that checkpoint, or set compensation: none."
         )
 
@@ -231,8 +231,7 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
         calibrate=planned or pruning_args.compensation != "none",
     )
     if training_args.check_memory:
-        measure = calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
-        check_run_memory(model_args, calibration_args, pruning_args, training_args, measure)
+        check_run_memory(model_args, calibration_args, pruning_args, training_args, planned)
     if os.environ.get("WANDB_SWEEP_ID"):
         training_args.output_dir = sweep_point_dir(training_args.output_dir, pruning_args, training_args.seed)
         training_args.run_name = training_args.run_name or Path(training_args.output_dir).name
