@@ -73,12 +73,37 @@ def run_two_ranks(script: str | Path, output: Path) -> tuple[subprocess.Complete
     return done, time.time() - start
 
 
+W_AND_B_FILE_HEADER = 7  # ":W&B", a 2-byte magic number, a version byte
+LOG_BLOCK = 32768  # LevelDB's log format: records are cut into fragments that never cross a 32 KiB block
+FRAGMENT_HEADER = 7  # CRC-32 (4 bytes), length (2, little-endian), kind (1): 1 whole, 2 first, 3 middle, 4 last
+
+
+def wandb_records(path: Path) -> bytes:
+    """The records of an offline W&B run file, their fragments joined: a fragment header at a 32 KiB block boundary
+    splits any record (and a key in it) that crosses the boundary, so the raw bytes can miss a key that is there."""
+    data, records, position = path.read_bytes(), bytearray(), W_AND_B_FILE_HEADER
+    while position + FRAGMENT_HEADER <= len(data):
+        room = LOG_BLOCK - position % LOG_BLOCK
+        if room < FRAGMENT_HEADER:  # the block's tail is zero padding
+            position += room
+            continue
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        end = position + FRAGMENT_HEADER + length
+        if kind == 0 or end > len(data):  # padding, or a fragment still being written
+            break
+        records += data[position + FRAGMENT_HEADER : end]
+        if kind in (1, 4):
+            records += b"\n"
+        position = end
+    return bytes(records)
+
+
 def wandb_record(path: Path, *expected: bytes, seconds: float = 60.0) -> bytes:
-    """The bytes of an offline W&B run file once it holds every ``expected`` record: W&B's service process writes it
-    after the run's own process has returned (or exited), so a test reading it at once may find only its header."""
+    """The records of an offline W&B run file once they hold every ``expected`` bytes: W&B's service process writes
+    them after the run's own process has returned (or exited), a test reading at once may find only the header."""
     deadline = time.monotonic() + seconds
-    data = path.read_bytes()
+    data = wandb_records(path)
     while not all(e in data for e in expected) and time.monotonic() < deadline:
         time.sleep(0.5)
-        data = path.read_bytes()
+        data = wandb_records(path)
     return data

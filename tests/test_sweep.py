@@ -13,6 +13,7 @@ from moe_specialist import plots
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import prune_model
 from moe_specialist.sweep import Point, SweepArguments, format_table, run_sweep_cli, sweep_points, table_rows
+from tests.helpers import wandb_records
 from tests.tiny_models import tiny_model
 
 
@@ -138,7 +139,7 @@ RECIPE = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
 
 def wandb_bytes(run_dir: Path) -> bytes:
     """An offline W&B run's records (config, history and summary are in its .wandb file)."""
-    return b"".join(path.read_bytes() for path in run_dir.glob("run-*.wandb"))
+    return b"".join(wandb_records(path) for path in run_dir.glob("run-*.wandb"))
 
 
 @pytest.mark.slow
