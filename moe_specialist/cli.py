@@ -31,6 +31,7 @@ from moe_specialist.configs import (
     GenerationArguments,
     ModelArguments,
     PruningArguments,
+    check_held_out_calibration,
 )
 from moe_specialist.entry import ArgumentParser, command_name, run_entry_point
 from moe_specialist.errors import ConfigurationError
@@ -279,6 +280,7 @@ def cmd_prune(argv: list[str]) -> None:
         )
     if not pruning.prune_plan:
         raise ConfigurationError("--prune_plan is required: a prune plan JSON from `moe-specialist plan`.")
+    check_held_out_calibration(calibration, pruning.sensitivity_examples, [pruning.compensation])
     plan = PrunePlan.load(pruning.prune_plan)
     source = resolve_model_path(model_args.model_name_or_path)
     local = Path(source).is_dir()

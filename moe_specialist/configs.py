@@ -465,3 +465,31 @@ def check_calibration_data(calibration: CalibrationArguments, evaluated) -> None
                 f"Calibrating on {selection} would choose experts on the sentences being evaluated ({evaluated}): "
                 f"calibrate on {fix}."
             )
+
+
+HELD_OUT_OPTIONS = ("search", "refit")  # pruning_allocation search and compensation refit score on held-out sequences
+
+
+def check_held_out_calibration(
+    calibration: CalibrationArguments, sensitivity_examples: int, options: Iterable[str], sequences: int | None = None
+) -> None:
+    """``pruning_allocation: search`` and ``compensation: refit`` score on calibration sequences that the
+    ``sensitivity_examples`` sample leaves out, so there must be more sequences than that. ``sequences`` is how many
+    there are; without it, the most the arguments allow (``calibration_examples`` per direction and general
+    language), so that a recipe that cannot work fails before any model loads."""
+    if not any(option in HELD_OUT_OPTIONS for option in options):
+        return
+    groups = len(calibration.calibration_directions) + len(calibration.calibration_general_languages or [])
+    count = sequences if sequences is not None else calibration.calibration_examples * groups
+    if count <= sensitivity_examples:
+        there = (
+            f"{count}"
+            if sequences is not None
+            else f"at most {count} (calibration_examples={calibration.calibration_examples} for each of {groups} "
+            "directions and general languages)"
+        )
+        raise ConfigurationError(
+            "pruning_allocation search and compensation refit score on calibration sequences that the "
+            f"sensitivity_examples={sensitivity_examples} sample leaves out, but there are {there}: raise "
+            "calibration_examples or lower sensitivity_examples."
+        )

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
-from moe_specialist.configs import CalibrationArguments
+from moe_specialist.configs import HELD_OUT_OPTIONS, CalibrationArguments, check_held_out_calibration
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, KeptSets, SearchSettings
 from moe_specialist.prune import keeping_only
@@ -191,13 +191,8 @@ def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: i
     sequences = encode_calibration_data(tokenizer, pairs, general, calibration.calibration_max_length)
     chosen = list(range(len(sequences)))[:: max(1, len(sequences) // examples)][:examples]
     if held_out:
+        check_held_out_calibration(calibration, examples, HELD_OUT_OPTIONS, sequences=len(sequences))
         left = sorted(set(range(len(sequences))) - set(chosen))
-        if not left:
-            raise ConfigurationError(
-                f"The search allocation scores on calibration sequences the layer costs do not use, but all "
-                f"{len(sequences)} are among the sensitivity_examples={examples} sequences: raise "
-                "calibration_examples or lower sensitivity_examples."
-            )
         chosen = left[:: max(1, len(left) // examples)][:examples]
     sequences = [sequences[i] for i in chosen]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -83,7 +83,23 @@ def test_train_refuses_a_compensation_it_cannot_apply(tiny_translator, tmp_path)
         run(*parse_recipe([*base, "--output_dir", str(tmp_path / "disk"), "--prune_mode", "disk", *FIT]))
     with pytest.raises(ConfigurationError, match=r"`callbacks` has no expert_pruning: add it, or set compensation"):
         run(*parse_recipe([*base, "--output_dir", str(tmp_path / "none"), "--callbacks", "translation_eval"]))
-    assert not (tmp_path / "disk").exists() and not (tmp_path / "none").exists()  # refused before anything ran
+    # 8 calibration sequences, all of them in the default sample of 64: none is left to hold out
+    short = r"sensitivity_examples=64 sample leaves out, but there are at most 8 \(calibration_examples=8 for each"
+    with pytest.raises(ConfigurationError, match=short):
+        run(*parse_recipe([*base, "--output_dir", str(tmp_path / "short")]))
+    with pytest.raises(ConfigurationError, match=short):  # the search allocation holds out the same sequences
+        flags = ["--compensation", "none", "--pruning_allocation", "search", "--output_dir", str(tmp_path / "short")]
+        run(*parse_recipe([*base, *flags]))
+    assert not any((tmp_path / name).exists() for name in ("disk", "none", "short"))  # refused before anything ran
+
+
+def test_sweep_refuses_held_out_methods_with_nothing_to_hold_out(tiny_translator, tmp_path):
+    out = tmp_path / "sweep"
+    base = ["--config", str(TINY), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out)]
+    for criteria in ("frequency,frequency@search", "frequency+refit"):
+        with pytest.raises(ConfigurationError, match=r"sample leaves out, but there are at most 8 \(calibration_"):
+            run_sweep_cli([*base, "--ratios", "0,0.5", "--criteria", criteria])
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -128,6 +144,10 @@ def test_prune_command_refits_in_memory_and_plan_refuses(tiny_translator, tmp_pa
     prune = ["prune", "--model", str(tiny_translator), "--prune_plan", str(tmp_path / "plan.json"), *calibrate]
     with pytest.raises(ConfigurationError, match=r"which --mode disk never loads: use --mode memory \(or auto\)"):
         main([*prune, "--compensation", "refit", "--mode", "disk", "--output", str(tmp_path / "disk"), "--debug"])
+    with pytest.raises(ConfigurationError, match=r"sensitivity_examples=8 sample leaves out, but there are at most 8"):
+        main([*prune, "--compensation", "refit", "--sensitivity_examples", "8", "--output", str(tmp_path / "short"),
+              "--debug"])  # fmt: skip
+    assert not (tmp_path / "short").exists()
     main([*prune, "--compensation", "refit", *FIT, "--output", str(tmp_path / "refit"), "--debug"])  # auto: memory
     trace = json.loads((tmp_path / "refit" / COMPENSATION_FILE).read_text())
     calibration = CalibrationArguments(

@@ -9,11 +9,12 @@ import torch
 
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import calibrate, calibration_batches, encode_calibration_data
+from moe_specialist.configs import CalibrationArguments, check_held_out_calibration
 from moe_specialist.data.bible import bible_examples
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, PrunePlan, allocate_sensitivity, make_plan, ranked_sets, score_experts
 from moe_specialist.prune import keeping_only, prune_model
-from moe_specialist.sensitivity import grid_counts, layer_costs, target_loss
+from moe_specialist.sensitivity import calibration_sample, grid_counts, layer_costs, target_loss
 from tests.helpers import allowed, skewed_counts, stats_with
 from tests.tiny_models import tiny_model
 
@@ -110,6 +111,26 @@ def test_layer_costs_are_measured_losses_and_drive_the_plan(tiny_translator, dem
     assert plan.metadata["layer_costs"][2][3] == pytest.approx(float(costs[2, 3]), abs=1e-5)
     budget = Budget([8] * 4, 16, 2, layer_costs=costs)
     assert counts == allocate_sensitivity(scores, budget)
+
+
+def test_the_held_out_sample_is_the_sequences_the_first_sample_leaves_out(demo_tokenizer):
+    calibration = CalibrationArguments(
+        calibration_directions=["en-fr", "de-en"], calibration_examples=6, calibration_max_length=48
+    )
+
+    def sequences(batches) -> set[tuple[int, ...]]:
+        rows = (zip(ids, attention, strict=True) for ids, attention, _, _ in batches)
+        return {tuple(row[mask.bool()].tolist()) for batch in rows for row, mask in batch}
+
+    first, held_out = (calibration_sample(demo_tokenizer, calibration, 5, held_out=h) for h in (False, True))
+    assert len(sequences(first)) == len(sequences(held_out)) == 5 and not sequences(first) & sequences(held_out)
+    # the bound checked before any model loads (2 directions x 6), then the count of the sequences themselves
+    check_held_out_calibration(calibration, 11, ["refit"])
+    check_held_out_calibration(calibration, 12, ["none", "sensitivity"])  # nothing is held out: nothing to check
+    with pytest.raises(ConfigurationError, match=r"there are at most 12 \(calibration_examples=6 for each of 2 dir"):
+        check_held_out_calibration(calibration, 12, ["sensitivity", "refit"])
+    with pytest.raises(ConfigurationError, match=r"examples=12 sample leaves out, but there are 12: raise"):
+        calibration_sample(demo_tokenizer, calibration, 12, held_out=True)
 
 
 def test_sensitivity_examples_must_be_positive():

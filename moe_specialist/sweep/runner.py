@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from moe_specialist.architectures import find_moe
 from moe_specialist.calibrate import statistics_for
 from moe_specialist.compensation import Compensation, named_compensation, prune_and_compensate
+from moe_specialist.configs import check_held_out_calibration
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, check_not_an_input
@@ -261,6 +262,8 @@ def run_sweep_cli(argv: list[str]) -> None:
     check_recipe_data(
         data_args, calibration_args, train=any(p.sft for p in points), calibrate=not reused or compensated
     )
+    methods = [option for point in points for option in point.method[1:]]
+    check_held_out_calibration(calibration_args, pruning_args.sensitivity_examples, methods)
     run_dir = Path(training_args.output_dir)
     check_not_an_input(run_dir, local_model_dirs(model_args.model_name_or_path))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers.trainer import TRAINER_STATE_NAME
 
-from moe_specialist.configs import PruningArguments, check_calibration_data
+from moe_specialist.configs import PruningArguments, check_calibration_data, check_held_out_calibration
 from moe_specialist.errors import ConfigurationError, LaunchError, MissingInputError, OutputExistsError
 from moe_specialist.io import check_not_an_input
 from moe_specialist.models import local_model_dirs
@@ -229,6 +229,12 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
         train=not training_args.prune_only,
         evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
         calibrate=planned or pruning_args.compensation != "none",
+    )
+    plans = "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
+    check_held_out_calibration(
+        calibration_args,
+        pruning_args.sensitivity_examples,
+        [pruning_args.pruning_allocation if plans else "", pruning_args.compensation],
     )
     if training_args.check_memory:
         check_run_memory(model_args, calibration_args, pruning_args, training_args, planned)
