@@ -1,4 +1,4 @@
-"""Does re-fitting the kept experts (:func:`moe_specialist.compensation.refit_experts`) beat plain removal on dev?
+"""Does re-fitting the kept experts (:func:`moe_specialist.compensation.prune_and_refit`) beat plain removal on dev?
 
 Replays the plans of a prune-only dev sweep (``points/r{ratio}-{criterion}-{allocation}/prune_plan.json``, e.g.
 ``outputs/search-dev``), prunes the demo generalist (fp32) with each, re-fits the kept experts on the calibration
@@ -20,13 +20,12 @@ import copy
 import json
 from pathlib import Path
 
-from moe_specialist.compensation import refit_experts
+from moe_specialist.compensation import prune_and_refit
 from moe_specialist.configs import CalibrationArguments, EvalDataArguments
 from moe_specialist.evaluate import evaluate_translations
 from moe_specialist.io import atomic_write_json, atomic_write_text
 from moe_specialist.models import load_model_and_tokenizer
 from moe_specialist.plan import PLAN_FILE, PrunePlan
-from moe_specialist.prune import prune_model
 from moe_specialist.sensitivity import calibration_sample
 
 # recipes/demo/en-fr/sweep.yaml: calibration, sensitivity_examples and decoding
@@ -52,8 +51,8 @@ def summary(scores: dict) -> dict:
 
 def run_row(base, tokenizer, batches, held_out, examples, point: Path, settings: dict) -> dict:
     model = copy.deepcopy(base)
-    prune_model(model, PrunePlan.load(point / PLAN_FILE))
-    trace = refit_experts(model, base, batches, held_out, **settings)
+    plan = PrunePlan.load(point / PLAN_FILE)
+    _, trace = prune_and_refit(model, plan, batches=batches, held_out=held_out, **settings)
     plain = json.loads((point / "result.json").read_text())
     scores = evaluate_translations(model, tokenizer, examples, progress=False, **DECODING)
     return {

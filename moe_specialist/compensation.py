@@ -1,9 +1,10 @@
 """Compensation after pruning: re-fit the kept experts of each MoE layer to reproduce the unpruned layer's output.
 
 Removing experts changes each MoE block's output on the tokens that were routed to them; the kept experts can absorb
-part of that change. :func:`refit_experts` goes layer by layer, in order: it captures the inputs of the pruned block
-(after the earlier layers were re-fitted, so each layer corrects what reaches it), takes the unpruned block's output
-on those same inputs as the target, and trains only the pruned block's expert tensors to match it on real tokens. The
+part of that change. :func:`prune_and_refit` goes layer by layer, in order: it captures the inputs of the block
+(after the earlier layers were pruned and re-fitted, so each layer corrects what reaches it), takes the block's
+output on those same inputs as the target while it is still whole, prunes it, and trains only its expert tensors to
+match the target on real tokens. The
 router is frozen, so the routing among the kept experts stays what the plan's pruning gives. A least-squares fit on
 a few hundred sequences overfits (a naive ridge re-fit lost to plain removal on the demo), so every layer is scored
 on held-out sequences: the best step by held-out error is kept, and a layer that does not improve on held-out tokens
@@ -13,7 +14,6 @@ works for every architecture :func:`~moe_specialist.architectures.find_moe` supp
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import time
@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 import torch
 from torch import nn
 
-from moe_specialist.architectures import MoEModel, find_moe
+from moe_specialist.architectures import MoELayer, MoEModel
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import PruneReport, prune_model
@@ -36,24 +36,6 @@ CHUNK_TOKENS = 4096  # tokens per block forward when scoring (bounds the memory 
 
 class _Captured(Exception):
     """Raised by the capture hook to stop a forward pass once the block's input is in hand."""
-
-
-def _check_pair(pruned: MoEModel, reference: MoEModel) -> None:
-    """The reference must be the unpruned model of the same architecture, a separate copy."""
-    fix = "pass the unpruned model the pruned one was copied from (e.g. the base before prune_model)"
-    if pruned.model is reference.model:
-        raise ConfigurationError(f"The pruned and the reference model are the same object: {fix}.")
-    if pruned.model_type != reference.model_type or pruned.layer_indices != reference.layer_indices:
-        raise ConfigurationError(
-            f"The pruned model ({pruned.model_type}, MoE layers {pruned.layer_indices}) and the reference model "
-            f"({reference.model_type}, MoE layers {reference.layer_indices}) are not the same architecture: {fix}."
-        )
-    for kept, full in zip(pruned.layers, reference.layers, strict=True):
-        if kept.num_experts > full.num_experts:
-            raise ConfigurationError(
-                f"Layer {kept.layer_index} of the pruned model has {kept.num_experts} experts, more than the "
-                f"reference model's {full.num_experts}: the models are swapped; {fix}."
-            )
 
 
 def _block_output(block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -199,12 +181,13 @@ def _held_out_sequences(batches: list, share: float, generator: torch.Generator)
     return torch.randperm(total, generator=generator)[:count]
 
 
-def refit_experts(
-    pruned_model: nn.Module,
-    reference_model: nn.Module,
+def prune_and_refit(
+    model: nn.Module,
+    plan: PrunePlan,
+    moe: MoEModel | None = None,
+    *,
     batches: list,
     held_out: list | None = None,
-    *,
     steps: int = 200,
     learning_rate: float = 3e-3,
     batch_tokens: int = 1024,
@@ -212,9 +195,13 @@ def refit_experts(
     proximal: float = 0.0,
     held_out_share: float = 0.25,
     seed: int = 0,
-) -> dict:
-    """Re-fit the routed experts of ``pruned_model`` (in place), layer by layer, so that each MoE block reproduces
-    ``reference_model``'s block (the unpruned model it was pruned from) on the same inputs; return the trace.
+) -> tuple[PruneReport, dict]:
+    """Prune ``model`` in place with ``plan`` and re-fit each MoE layer's kept experts so that the pruned block
+    reproduces the unpruned one on the same inputs; return the prune report and the trace.
+
+    Layer by layer, in order: the block's inputs are captured (the earlier layers already pruned and re-fitted), the
+    block's output on them is taken as the target while it is still whole, then the layer is pruned and fitted. So no
+    copy of the unpruned model is needed: the peak memory is the model's own.
 
     ``batches`` are calibration batches ``(input_ids, attention_mask, ...)`` as
     :func:`moe_specialist.sensitivity.calibration_sample` gives them; only tokens with attention count. ``held_out``
@@ -238,45 +225,45 @@ def refit_experts(
     if held_out is None and not 0 < held_out_share < 1:
         raise ConfigurationError(f"held_out_share={held_out_share} must lie strictly between 0 and 1.")
     started = time.monotonic()
-    pruned, reference = find_moe(pruned_model), find_moe(reference_model)
-    _check_pair(pruned, reference)
-    modes = [(model, model.training) for model in (pruned_model, reference_model)]
-    pruned_model.eval()
-    reference_model.eval()
+    training = model.training
+    model.eval()
     generator = torch.Generator().manual_seed(seed)
     held_out_ids = None if held_out is not None else _held_out_sequences(batches, held_out_share, generator)
     layers, tokens = [], {}
+
+    def refit_layer(layer: MoELayer, prune_layer: Callable[[], None]) -> None:
+        inputs, sequences = _block_inputs(model, layer.block, batches)
+        if held_out is None:
+            mask = torch.isin(sequences, held_out_ids)
+            held_inputs, inputs = inputs[mask.to(inputs.device)], inputs[~mask.to(inputs.device)]
+        else:
+            held_inputs, _ = _block_inputs(model, layer.block, held_out)
+        tokens.update(fit=len(inputs), held_out=len(held_inputs))
+        fit, checked = (inputs, _outputs(layer.block, inputs)), (held_inputs, _outputs(layer.block, held_inputs))
+        prune_layer()
+        with _in_float32(layer.block):
+            trace = _fit_layer(
+                layer.block,
+                list(layer.experts.parameters()),
+                fit,
+                checked,
+                steps=steps,
+                learning_rate=learning_rate,
+                batch_tokens=batch_tokens,
+                eval_every=eval_every,
+                proximal=proximal,
+                generator=generator,
+            )
+        trace = {"layer": layer.layer_index, "experts": layer.num_experts, **trace}
+        trace["accepted"] = trace["steps_kept"] > 0
+        logger.info("Expert re-fit: %s", trace)
+        layers.append(trace)
+
     try:
-        for layer, full in zip(pruned.layers, reference.layers, strict=True):
-            inputs, sequences = _block_inputs(pruned_model, layer.block, batches)
-            if held_out is None:
-                mask = torch.isin(sequences, held_out_ids)
-                held_inputs, inputs = inputs[mask.to(inputs.device)], inputs[~mask.to(inputs.device)]
-            else:
-                held_inputs, _ = _block_inputs(pruned_model, layer.block, held_out)
-            tokens = {"fit": len(inputs), "held_out": len(held_inputs)}
-            fit, checked = (inputs, _outputs(full.block, inputs)), (held_inputs, _outputs(full.block, held_inputs))
-            with _in_float32(layer.block):
-                trace = _fit_layer(
-                    layer.block,
-                    list(layer.experts.parameters()),
-                    fit,
-                    checked,
-                    steps=steps,
-                    learning_rate=learning_rate,
-                    batch_tokens=batch_tokens,
-                    eval_every=eval_every,
-                    proximal=proximal,
-                    generator=generator,
-                )
-            trace = {"layer": layer.layer_index, "experts": layer.num_experts, **trace}
-            trace["accepted"] = trace["steps_kept"] > 0
-            logger.info("Expert re-fit: %s", trace)
-            layers.append(trace)
+        report = prune_model(model, plan, moe, refit_layer)
     finally:
-        for model, training in modes:
-            model.train(training)
-    return {
+        model.train(training)
+    return report, {
         "method": "refit_experts",
         "settings": {
             "steps": steps,
@@ -295,8 +282,9 @@ def refit_experts(
 
 COMPENSATION_FILE = "compensation.json"  # its trace, beside a pruned checkpoint that was compensated
 
-# A compensation as runs and sweeps apply it: (pruned model, the unpruned model it was pruned from) -> its trace.
-Compensation = Callable[[nn.Module, nn.Module], dict]
+# A compensation as runs and sweeps apply it: it prunes (model, plan, its MoE structure or None) in place and
+# returns the prune report and its trace.
+Compensation = Callable[[nn.Module, PrunePlan, MoEModel | None], tuple[PruneReport, dict]]
 
 
 def named_compensation(name: str, tokenizer, calibration, examples: int) -> Compensation | None:
@@ -305,24 +293,19 @@ def named_compensation(name: str, tokenizer, calibration, examples: int) -> Comp
 
 
 def prune_and_compensate(
-    model: nn.Module,
-    plan: PrunePlan,
-    moe: MoEModel | None = None,
-    compensation: Compensation | None = None,
-    unpruned: nn.Module | None = None,
+    model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None, compensation: Compensation | None = None
 ) -> tuple[PruneReport, dict | None]:
-    """Prune ``model`` in place with ``plan``, then apply ``compensation`` against the unpruned model (``unpruned``,
-    or a copy taken before pruning); returns the prune report and the compensation's trace (None without one)."""
-    if compensation is not None and unpruned is None:
-        unpruned = copy.deepcopy(model)
-    report = prune_model(model, plan, moe)
-    return report, compensation(model, unpruned) if compensation is not None else None
+    """Prune ``model`` in place with ``plan``, through ``compensation`` when there is one; returns the prune report
+    and the compensation's trace (None without one)."""
+    if compensation is None:
+        return prune_model(model, plan, moe), None
+    return compensation(model, plan, moe)
 
 
 def calibration_refit(tokenizer, calibration, examples: int) -> Compensation:
-    """The ``refit`` compensation as a run or a sweep applies it: ``(pruned model, unpruned model) -> trace``, fitted
-    on ``examples`` calibration sequences (those the sensitivity allocation measures on) and checked on as many
-    held-out ones (those the search allocation scores on)."""
+    """The ``refit`` compensation as a run or a sweep applies it, fitted on ``examples`` calibration sequences
+    (those the sensitivity allocation measures on) and checked on as many held-out ones (those the search allocation
+    scores on)."""
     batches = calibration_sample(tokenizer, calibration, examples)
     held_out = calibration_sample(tokenizer, calibration, examples, held_out=True)
-    return functools.partial(refit_experts, batches=batches, held_out=held_out)
+    return functools.partial(prune_and_refit, batches=batches, held_out=held_out)

@@ -19,6 +19,7 @@ changed the model (:mod:`moe_specialist.checkpoint_config`), so stacks that read
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
 import shutil
@@ -208,22 +209,37 @@ def router_aux_loss_applies(experts_per_layer: dict[int, int]) -> bool:
     return len(set(experts_per_layer.values())) == 1
 
 
+# Called for each MoE layer in order with the function that prunes it: what runs before that call sees the layer
+# whole (and the earlier layers pruned), what runs after sees it pruned. The compensation re-fits layers this way.
+AroundLayer = Callable[[MoELayer, Callable[[], None]], None]
+
+
+def _prune_only(layer: MoELayer, prune: Callable[[], None]) -> None:
+    prune()
+
+
 @torch.no_grad()
-def prune_model(model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None) -> PruneReport:
-    """Prune ``model`` in place following ``plan``; shared experts and dense layers are untouched."""
+def prune_model(
+    model: nn.Module, plan: PrunePlan, moe: MoEModel | None = None, around_layer: AroundLayer = _prune_only
+) -> PruneReport:
+    """Prune ``model`` in place following ``plan``, layer by layer through ``around_layer``; shared experts and
+    dense layers are untouched."""
     moe = moe or find_moe(model)
     plan.validate(moe)
     before = moe.experts_per_layer
     parameters_before = moe.parameter_counts()
     top_k_before = moe.top_k
     new_top_k = plan.top_k if plan.top_k is not None and plan.top_k != moe.top_k else None
-    for layer in moe.layers:
+
+    def prune_layer(layer: MoELayer) -> None:
         if new_top_k is not None:  # every MoE layer, listed in the plan or not: the config's top-k is global
-            _set_counts(layer_modules(layer), moe.top_k, new_top_k, TOP_K_ATTRIBUTES)
+            _set_counts(layer_modules(layer), top_k_before, new_top_k, TOP_K_ATTRIBUTES)
         ids = plan.kept_experts.get(layer.layer_index)
-        if ids is None or len(ids) == layer.num_experts:
-            continue
-        slice_layer(layer, ids)
+        if ids is not None and len(ids) != layer.num_experts:
+            slice_layer(layer, ids)
+
+    for layer in moe.layers:
+        around_layer(layer, functools.partial(prune_layer, layer))
     after = {layer.layer_index: layer.num_experts for layer in moe.layers}
     original = max(before.values())
     update_config(model.config, after, new_top_k)

@@ -1,9 +1,8 @@
 """``compensation: refit`` wherever pruning happens: the sweep (``+refit`` methods), ``moe_specialist.train`` and
-``moe-specialist prune``; each gives the same weights as pruning then :func:`calibration_refit` by hand."""
+``moe-specialist prune``; each gives the same weights as :func:`calibration_refit` by hand."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -27,10 +26,8 @@ FIT = ("--sensitivity_examples", "4")  # the recipe calibrates on 8 sequences: 4
 def by_hand(model_dir: Path, plan: PrunePlan) -> tuple[torch.nn.Module, dict]:
     """The model pruned with ``plan`` and re-fitted with the recipe's calibration data, step by step."""
     *_, calibration, _, _ = parse_recipe(["--config", str(TINY), "--model_name_or_path", str(model_dir)])
-    unpruned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = copy.deepcopy(unpruned)
-    prune_model(model, plan)
-    trace = calibration_refit(AutoTokenizer.from_pretrained(model_dir), calibration, 4)(model, unpruned)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _, trace = calibration_refit(AutoTokenizer.from_pretrained(model_dir), calibration, 4)(model, plan, None)
     return model, trace
 
 
@@ -153,10 +150,9 @@ def test_prune_command_refits_in_memory_and_plan_refuses(tiny_translator, tmp_pa
     calibration = CalibrationArguments(
         calibration_directions=["en-fr"], calibration_examples=8, calibration_max_length=64
     )
-    unpruned = AutoModelForCausalLM.from_pretrained(tiny_translator, dtype=torch.float32)
-    model = copy.deepcopy(unpruned)
-    prune_model(model, PrunePlan.load(tmp_path / "plan.json"))
-    expected = calibration_refit(AutoTokenizer.from_pretrained(tiny_translator), calibration, 4)(model, unpruned)
+    model = AutoModelForCausalLM.from_pretrained(tiny_translator, dtype=torch.float32)
+    refit = calibration_refit(AutoTokenizer.from_pretrained(tiny_translator), calibration, 4)
+    _, expected = refit(model, PrunePlan.load(tmp_path / "plan.json"), None)
     assert [layer["held_out_error_after"] for layer in trace["layers"]] == [
         layer["held_out_error_after"] for layer in expected["layers"]
     ]

@@ -130,7 +130,7 @@ class Sweep:
             scores, records = training["scores"]["end"], {"file": training["translations_file"]}
         else:
             model = copy.deepcopy(self.base)
-            _, compensated = prune_and_compensate(model, plan, None, self.compensation(compensation), self.base)
+            _, compensated = prune_and_compensate(model, plan, None, self.compensation(compensation))
             parameters, size = find_moe(model).parameter_counts(), checkpoint_bytes(model, self.saved_dtype)
             scores = evaluate_translations(model, self.tokenizer, self.examples, **self.generation, progress=False)
             records = {name: direction.pop("records") for name, direction in scores["directions"].items()}

@@ -68,7 +68,8 @@ def zero_stage(training_args) -> int | None:
 
 
 def check_compensation(pruning_args: PruningArguments, training_args) -> None:
-    """``compensation: refit`` fits the pruned model's experts against the unpruned model, both whole in memory."""
+    """``compensation: refit`` fits each pruned layer's experts against the same layer before pruning: the unpruned
+    model must be whole in memory on every rank (it is pruned in place, layer by layer)."""
     if pruning_args.compensation == "none":
         return
     if "expert_pruning" not in training_args.callbacks:
@@ -79,7 +80,7 @@ def check_compensation(pruning_args: PruningArguments, training_args) -> None:
     why = (
         "prune_mode disk never holds the unpruned model"
         if training_args.prune_mode == "disk"
-        else "ZeRO-3 partitions both models"
+        else "ZeRO-3 partitions it"
         if zero_stage(training_args) == 3
         else None
     )
