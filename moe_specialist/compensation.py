@@ -225,6 +225,7 @@ def prune_and_refit(
     if held_out is None and not 0 < held_out_share < 1:
         raise ConfigurationError(f"held_out_share={held_out_share} must lie strictly between 0 and 1.")
     started = time.monotonic()
+    logger.info("Pruning and re-fitting the kept experts layer by layer on %s", next(model.parameters()).device)
     training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)

@@ -76,7 +76,7 @@ def test_train_refits_after_pruning_exactly_as_by_hand(tiny_translator, tmp_path
 
 def test_train_refuses_a_compensation_it_cannot_apply(tiny_translator, tmp_path):
     base = ["--config", str(TINY), "--model_name_or_path", str(tiny_translator), "--compensation", "refit"]
-    with pytest.raises(ConfigurationError, match=r"prune_mode disk never holds the unpruned model: use prune_mode"):
+    with pytest.raises(ConfigurationError, match=r"disk never holds it: use prune_mode memory, or prune and"):
         run(*parse_recipe([*base, "--output_dir", str(tmp_path / "disk"), "--prune_mode", "disk", *FIT]))
     with pytest.raises(ConfigurationError, match=r"`callbacks` has no expert_pruning: add it, or set compensation"):
         run(*parse_recipe([*base, "--output_dir", str(tmp_path / "none"), "--callbacks", "translation_eval"]))

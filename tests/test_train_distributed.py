@@ -31,6 +31,7 @@ from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.training import parse_recipe, run
 from moe_specialist.training.callbacks import expert_fingerprint
 from tests.helpers import wandb_record
+from tests.test_compensation_pipeline import by_hand
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "tests" / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
@@ -163,6 +164,23 @@ def test_two_process_distillation(config, tiny_translator, tmp_path):
     assert [e["step"] for e in logged] == [1, 2] and all(e["kd"] > 0 and e["ce"] > 0 for e in logged)
     results = json.loads((output_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["training"]["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_zero3_refit_before_sharding(tiny_translator, tmp_path):
+    """compensation refit under ZeRO-3 (memory mode): every rank prunes and re-fits the whole model in place before
+    DeepSpeed shards it, to exactly the weights and trace one process gives; training then runs sharded."""
+    output_dir = tmp_path / "zero3-refit"
+    flags = ("--compensation", "refit", "--sensitivity_examples", "4", "--report_to", "none")
+    done, seconds = launch("zero3", tiny_translator, output_dir, *flags)
+    assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    records = [json.loads((output_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    model, trace = by_hand(tiny_translator, PrunePlan.load(output_dir / "prune_plan.json"))
+    refitted = expert_fingerprint(find_moe(model))["sha256"]
+    assert records[0]["pruned"]["sha256"] == records[1]["pruned"]["sha256"] == refitted
+    assert records[0]["trained"]["zero3_partitioned"] and records[0]["trained"]["sha256"] != refitted
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["pruning"]["compensation"]["layers"] == trace["layers"]
 
 
 @pytest.mark.slow

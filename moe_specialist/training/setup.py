@@ -69,7 +69,8 @@ def zero_stage(training_args) -> int | None:
 
 def check_compensation(pruning_args: PruningArguments, training_args) -> None:
     """``compensation: refit`` fits each pruned layer's experts against the same layer before pruning: the unpruned
-    model must be whole in memory on every rank (it is pruned in place, layer by layer)."""
+    model must be whole in memory on every rank (it is pruned in place, layer by layer, before DeepSpeed shards it
+    under ZeRO-3)."""
     if pruning_args.compensation == "none":
         return
     if "expert_pruning" not in training_args.callbacks:
@@ -77,19 +78,12 @@ def check_compensation(pruning_args: PruningArguments, training_args) -> None:
             f"compensation {pruning_args.compensation} follows pruning, but `callbacks` has no expert_pruning: add "
             "it, or set compensation: none."
         )
-    why = (
-        "prune_mode disk never holds the unpruned model"
-        if training_args.prune_mode == "disk"
-        else "ZeRO-3 partitions it"
-        if zero_stage(training_args) == 3
-        else None
-    )
-    if why:
+    if training_args.prune_mode == "disk":
         raise ConfigurationError(
             f"compensation {pruning_args.compensation} re-fits the kept experts against the unpruned model, whole "
-            f"in memory on every rank, but {why}: use prune_mode memory without ZeRO-3 (ZeRO-2 or DDP), or prune "
-            "and compensate once with `moe-specialist prune --mode memory --compensation refit` and train "
-            "that checkpoint, or set compensation: none."
+            "in memory on every rank, but prune_mode disk never holds it: use prune_mode memory, or prune and "
+            f"compensate once with `moe-specialist prune --mode memory --compensation {pruning_args.compensation}` "
+            "and train that checkpoint, or set compensation: none."
         )
 
 
