@@ -297,7 +297,7 @@ def cmd_prune(argv: list[str]) -> None:
         model, tokenizer = load_from_arguments(model_args, remote.trust_remote_code, source)
         moe = find_moe(model)
         summary_before = summarize_moe(moe)
-        compensation = named_compensation(pruning.compensation, tokenizer, calibration, pruning.sensitivity_examples)
+        compensation = named_compensation(pruning.compensation, tokenizer, calibration, pruning)
         _, trace = prune_and_compensate(model, plan, moe, compensation)
         extra_files = {PLAN_FILE: json.dumps(plan.to_dict(), indent=2)}
         if trace is not None:

@@ -288,9 +288,12 @@ COMPENSATION_FILE = "compensation.json"  # its trace, beside a pruned checkpoint
 Compensation = Callable[[nn.Module, PrunePlan, MoEModel | None], tuple[PruneReport, dict]]
 
 
-def named_compensation(name: str, tokenizer, calibration, examples: int) -> Compensation | None:
-    """The compensation a recipe's ``compensation`` names (None for ``none``), on its calibration data."""
-    return calibration_refit(tokenizer, calibration, examples) if name == "refit" else None
+def named_compensation(name: str, tokenizer, calibration, pruning) -> Compensation | None:
+    """The compensation ``name`` (a recipe's ``compensation``, or a sweep method's; None for ``none``) with the
+    recipe's settings (``pruning``: PruningArguments), on its calibration data."""
+    if name == "none":
+        return None
+    return calibration_refit(tokenizer, calibration, pruning.sensitivity_examples, steps=pruning.refit_steps)
 
 
 def prune_and_compensate(
@@ -303,10 +306,10 @@ def prune_and_compensate(
     return compensation(model, plan, moe)
 
 
-def calibration_refit(tokenizer, calibration, examples: int) -> Compensation:
+def calibration_refit(tokenizer, calibration, examples: int, **settings) -> Compensation:
     """The ``refit`` compensation as a run or a sweep applies it, fitted on ``examples`` calibration sequences
     (those the sensitivity allocation measures on) and checked on as many held-out ones (those the search allocation
-    scores on)."""
+    scores on); ``settings`` go to :func:`prune_and_refit`."""
     batches = calibration_sample(tokenizer, calibration, examples)
     held_out = calibration_sample(tokenizer, calibration, examples, held_out=True)
-    return functools.partial(prune_and_refit, batches=batches, held_out=held_out)
+    return functools.partial(prune_and_refit, batches=batches, held_out=held_out, **settings)

@@ -284,7 +284,14 @@ class PruningArguments:
         metadata={
             "help": "none | refit (after pruning, each MoE layer's kept experts are re-fitted, layer by layer, to "
             "reproduce the unpruned layer's output on sensitivity_examples calibration sequences, checked on as many "
-            "held-out ones; needs the model in memory: prune_mode memory, not ZeRO-3)"
+            "held-out ones; needs the unpruned model in memory: prune_mode memory)"
+        },
+    )
+    refit_steps: int = field(
+        default=200,
+        metadata={
+            "help": "refit: Adam steps per MoE layer, each on 1,024 calibration tokens; the step with the lowest "
+            "held-out error is kept."
         },
     )
     pruning_selection: str = field(
@@ -352,7 +359,7 @@ class PruningArguments:
         unknown_roles = set(self.pruning_roles or []) - {"source", "target"}
         if unknown_roles:
             raise ConfigurationError(f"Unknown pruning_roles {sorted(unknown_roles)}; roles are source and target.")
-        check_minimum(self, 1, "pruning_top_k", "sensitivity_examples", "selection_candidates")
+        check_minimum(self, 1, "pruning_top_k", "sensitivity_examples", "selection_candidates", "refit_steps")
         check_minimum(self, 1, "allocation_search_evaluations")
         if not 0 < self.allocation_search_seconds < float("inf"):
             raise ConfigurationError(

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_specialist.cli import main
-from moe_specialist.compensation import COMPENSATION_FILE, calibration_refit
+from moe_specialist.compensation import COMPENSATION_FILE, calibration_refit, named_compensation
 from moe_specialist.configs import CalibrationArguments, PruningArguments
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import PrunePlan
@@ -53,6 +53,22 @@ def test_methods_name_a_compensation():
         SweepArguments(ratios="0,0.5", criteria="reap@uniform+merge")
     with pytest.raises(ConfigurationError, match=r"Unknown compensation 'merge'; choose one of \['none', 'refit'\]"):
         PruningArguments(compensation="merge")
+
+
+def test_the_recipe_sets_the_refit_and_none_is_no_compensation(tiny_translator):
+    calibration = CalibrationArguments(
+        calibration_directions=["en-fr"], calibration_examples=8, calibration_max_length=64
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_translator)
+    pruning = PruningArguments(compensation="refit", sensitivity_examples=4, refit_steps=7)
+    assert named_compensation("none", tokenizer, calibration, pruning) is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_translator, dtype=torch.float32)
+    plan = PrunePlan({i: [0, 1, 2, 3] for i in range(4)})
+    report, trace = named_compensation("refit", tokenizer, calibration, pruning)(model, plan, None)
+    assert report.experts_after == {i: 4 for i in range(4)} and trace["settings"]["steps"] == 7
+    assert all(0 <= layer["steps_kept"] <= 7 for layer in trace["layers"])
+    with pytest.raises(ConfigurationError, match="refit_steps"):
+        PruningArguments(refit_steps=0)
 
 
 def test_train_refits_after_pruning_exactly_as_by_hand(tiny_translator, tmp_path):

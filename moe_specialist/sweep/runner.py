@@ -83,8 +83,7 @@ class Sweep:
     def compensation(self, name: str) -> Compensation | None:
         """The compensation ``name`` on the sweep's calibration data (encoded once, on first use)."""
         if name not in self.compensations:
-            examples = self.pruning.sensitivity_examples
-            self.compensations[name] = named_compensation(name, self.tokenizer, self.calibration, examples)
+            self.compensations[name] = named_compensation(name, self.tokenizer, self.calibration, self.pruning)
         return self.compensations[name]
 
     def point_dir(self, point: Point) -> Path:

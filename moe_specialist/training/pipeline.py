@@ -401,9 +401,7 @@ def run(
             )
 
         # Trainer (expert_pruning prunes in on_init_end, before the optimizer exists, then compensates)
-        compensation = named_compensation(
-            pruning_args.compensation, tokenizer, calibration_args, pruning_args.sensitivity_examples
-        )
+        compensation = named_compensation(pruning_args.compensation, tokenizer, calibration_args, pruning_args)
         context = RunContext(training_args, plan, eval_examples, pruned_source, compensation)
         callbacks = get_callbacks(training_args.callbacks, context)
         moe = find_moe(model)  # before PEFT wraps the experts
