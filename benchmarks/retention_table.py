@@ -4,8 +4,8 @@ A sweep's grid is fixed once it runs (a resumed sweep refuses another configurat
 (e.g. the ``+refit`` methods beside a sweep of the baselines) is its own sweep; this reads their ``results.json``
 and refuses sweeps scored on different data or decoding. The README's training-free retention tables and plots:
 
-    python -m benchmarks.retention_table --sweeps outputs/compare-test outputs/refit-test \
-        --plot docs/retention_en-fr.png --title "demo, en->fr (test)"
+    python -m benchmarks.retention_table --sweeps outputs/compare-test outputs/refit-test="64 fit" \
+        outputs/fit256-test --plot docs/retention_en-fr.png --title "demo, en->fr (test)"
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ from moe_specialist.plots import plot_quality_curve
 from moe_specialist.sweep.outputs import format_table, table_rows
 
 
-def merged_points(sweep_dirs: list[Path]) -> list[dict]:
-    """Every point of the sweeps; the unpruned baseline once (every sweep scores the same unpruned model)."""
+def labelled(points: list[dict], label: str) -> list[dict]:
+    """``points`` as a method of their own: ``criterion (label)``, so that one method measured under two settings
+    (e.g. two fit sizes of the re-fit, which point ids do not name) gets two columns."""
+    return [{**p, "criterion": f"{p['criterion']} ({label})", "point": f"{p['point']}-{label}"} for p in points]
+
+
+def merged_points(sweep_dirs: list[Path], labels: list[str | None] | None = None) -> list[dict]:
+    """Every point of the sweeps (those of a sweep with a label renamed by :func:`labelled`); the unpruned baseline
+    once (every sweep scores the same unpruned model)."""
     points, evaluation = [], None
-    for sweep_dir in sweep_dirs:
+    for sweep_dir, label in zip(sweep_dirs, labels or [None] * len(sweep_dirs), strict=True):
         results = json.loads((sweep_dir / "results.json").read_text())
         if evaluation is not None and (results["model"], results["eval"]) != evaluation:
             raise ConfigurationError(
@@ -34,11 +41,12 @@ def merged_points(sweep_dirs: list[Path]) -> list[dict]:
         evaluation = results["model"], results["eval"]
         baseline_seen = any(p["target_ratio"] == 0 for p in points)
         new = [p for p in results["points"] if not (baseline_seen and p["target_ratio"] == 0)]
+        new = labelled(new, label) if label else new
         twice = {p["point"] for p in points} & {p["point"] for p in new}
         if twice:
             raise ConfigurationError(
                 f"{sweep_dir} has points another sweep has too ({sorted(twice)[:3]}...): the table would average "
-                "them as seeds of one method; compare sweeps of different methods."
+                "them as seeds of one method; compare sweeps of different methods, or label one (DIR=LABEL)."
             )
         points += new
     return points
@@ -46,11 +54,17 @@ def merged_points(sweep_dirs: list[Path]) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sweeps", type=Path, nargs="+", required=True, help="Sweep output directories.")
+    parser.add_argument(
+        "--sweeps",
+        nargs="+",
+        required=True,
+        help="Sweep output directories; DIR=LABEL names the methods of that sweep 'method (LABEL)'.",
+    )
     parser.add_argument("--plot", type=Path, required=True, help="Where the chrF++ curve is written (PNG).")
     parser.add_argument("--title", default="chrF++ vs share of experts removed")
     args = parser.parse_args(argv)
-    rows = table_rows(merged_points(args.sweeps))
+    sweeps = [arg.partition("=") for arg in args.sweeps]
+    rows = table_rows(merged_points([Path(path) for path, _, _ in sweeps], [label or None for _, _, label in sweeps]))
     plot_quality_curve(rows, args.plot, title=args.title)
     print(format_table(rows, markdown=True))
 

@@ -52,6 +52,23 @@ def test_sweeps_side_by_side(tmp_path, capsys):
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_label_makes_the_same_method_another_column(tmp_path, capsys):
+    first = sweep(
+        tmp_path / "first",
+        [point(0, "gate_mass@sensitivity+refit", 40.0), point(0.5, "gate_mass@sensitivity+refit", 36.0)],
+    )
+    again = sweep(
+        tmp_path / "again",
+        [point(0, "gate_mass@sensitivity+refit", 40.0), point(0.5, "gate_mass@sensitivity+refit", 38.0)],
+    )
+    with pytest.raises(ConfigurationError, match=r"compare sweeps of different methods, or label one \(DIR=LABEL\)"):
+        merged_points([first, again])
+    main(["--sweeps", f"{first}=64 fit", str(again), "--plot", str(tmp_path / "curve.png")])
+    table = capsys.readouterr().out
+    assert table.startswith("| pruned | gate_mass@sensitivity+refit | gate_mass@sensitivity+refit (64 fit) |")
+    assert "| 0.500 | 38.00 (95%) | 36.00 (90%) |" in table
+
+
 def test_other_data_or_the_same_points_are_refused(tmp_path):
     first = sweep(tmp_path / "first", [point(0.5, "reap@uniform", 30.0)])
     dev = sweep(tmp_path / "dev", [point(0.5, "frequency@uniform", 31.0)], {**EVAL, "split": "dev"})
