@@ -4,12 +4,12 @@ Removing experts changes each MoE block's output on the tokens that were routed 
 part of that change. :func:`prune_and_refit` goes layer by layer, in order: it captures the inputs of the block
 (after the earlier layers were pruned and re-fitted, so each layer corrects what reaches it), takes the block's
 output on those same inputs as the target while it is still whole, prunes it, and trains only its expert tensors to
-match the target on real tokens. The
-router is frozen, so the routing among the kept experts stays what the plan's pruning gives. A least-squares fit on
-a few hundred sequences overfits (a naive ridge re-fit lost to plain removal on the demo), so every layer is scored
-on held-out sequences: the best step by held-out error is kept, and a layer that does not improve on held-out tokens
-gets its original weights back, bit for bit. Everything goes through the modules' own forward and autograd, so it
-works for every architecture :func:`~moe_specialist.architectures.find_moe` supports.
+match the target on real tokens. The router is frozen, so the routing among the kept experts stays what the plan's
+pruning gives. A least-squares fit on a few hundred sequences overfits (a naive ridge re-fit lost to plain removal
+on the demo), so every layer is scored on held-out sequences: the best step by held-out error is kept, and a layer
+that does not improve on held-out tokens gets its original weights back, bit for bit. Everything goes through the
+modules' own forward and autograd, so it works for every architecture :func:`~moe_specialist.architectures.find_moe`
+supports.
 """
 
 from __future__ import annotations

@@ -477,26 +477,28 @@ def check_calibration_data(calibration: CalibrationArguments, evaluated) -> None
 HELD_OUT_OPTIONS = ("search", "refit")  # pruning_allocation search and compensation refit score on held-out sequences
 
 
-def check_held_out_calibration(
-    calibration: CalibrationArguments, sensitivity_examples: int, options: Iterable[str], sequences: int | None = None
-) -> None:
+def check_held_out_room(sequences: int, sensitivity_examples: int, bound: str = "") -> None:
     """``pruning_allocation: search`` and ``compensation: refit`` score on calibration sequences that the
-    ``sensitivity_examples`` sample leaves out, so there must be more sequences than that. ``sequences`` is how many
-    there are; without it, the most the arguments allow (``calibration_examples`` per direction and general
-    language), so that a recipe that cannot work fails before any model loads."""
-    if not any(option in HELD_OUT_OPTIONS for option in options):
-        return
-    groups = len(calibration.calibration_directions) + len(calibration.calibration_general_languages or [])
-    count = sequences if sequences is not None else calibration.calibration_examples * groups
-    if count <= sensitivity_examples:
-        there = (
-            f"{count}"
-            if sequences is not None
-            else f"at most {count} (calibration_examples={calibration.calibration_examples} for each of {groups} "
-            "directions and general languages)"
-        )
+    ``sensitivity_examples`` sample leaves out, so there must be more than that many ``sequences`` (``bound``: why
+    that count is only an upper bound)."""
+    if sequences <= sensitivity_examples:
+        there = f"at most {sequences} ({bound})" if bound else f"{sequences}"
         raise ConfigurationError(
             "pruning_allocation search and compensation refit score on calibration sequences that the "
             f"sensitivity_examples={sensitivity_examples} sample leaves out, but there are {there}: raise "
             "calibration_examples or lower sensitivity_examples."
         )
+
+
+def check_held_out_calibration(
+    calibration: CalibrationArguments, sensitivity_examples: int, options: Iterable[str]
+) -> None:
+    """:func:`check_held_out_room` before any model loads, when ``options`` (allocations and compensations) hold
+    one that scores on held-out sequences: with the most the arguments allow, ``calibration_examples`` per direction
+    and general language."""
+    if not any(option in HELD_OUT_OPTIONS for option in options):
+        return
+    groups = len(calibration.calibration_directions) + len(calibration.calibration_general_languages or [])
+    examples = calibration.calibration_examples
+    bound = f"calibration_examples={examples} for each of {groups} directions and general languages"
+    check_held_out_room(examples * groups, sensitivity_examples, bound)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from moe_specialist.allocation_search import TargetKL, search_allocation
 from moe_specialist.architectures import MoEModel
 from moe_specialist.calibrate import calibration_batches, calibration_data, encode_calibration_data
-from moe_specialist.configs import HELD_OUT_OPTIONS, CalibrationArguments, check_held_out_calibration
+from moe_specialist.configs import CalibrationArguments, check_held_out_room
 from moe_specialist.errors import ConfigurationError
 from moe_specialist.plan import Budget, KeptSets, SearchSettings
 from moe_specialist.prune import keeping_only
@@ -191,7 +191,7 @@ def calibration_sample(tokenizer, calibration: CalibrationArguments, examples: i
     sequences = encode_calibration_data(tokenizer, pairs, general, calibration.calibration_max_length)
     chosen = list(range(len(sequences)))[:: max(1, len(sequences) // examples)][:examples]
     if held_out:
-        check_held_out_calibration(calibration, examples, HELD_OUT_OPTIONS, sequences=len(sequences))
+        check_held_out_room(len(sequences), examples)
         left = sorted(set(range(len(sequences))) - set(chosen))
         chosen = left[:: max(1, len(left) // examples)][:examples]
     sequences = [sequences[i] for i in chosen]

@@ -10,10 +10,15 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_specialist.architectures import find_moe
-from moe_specialist.plan import Budget
+from moe_specialist.compensation import calibration_refit
+from moe_specialist.plan import Budget, PrunePlan
 from moe_specialist.stats import RoutingCollector, RoutingStats
+from moe_specialist.training import parse_recipe
+
+TINY_RECIPE = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
 
 
 def stats_with(
@@ -107,3 +112,13 @@ def wandb_record(path: Path, *expected: bytes, seconds: float = 60.0) -> bytes:
         time.sleep(0.5)
         data = wandb_records(path)
     return data
+
+
+def refit_by_hand(model_dir: Path, plan: PrunePlan) -> tuple[torch.nn.Module, dict]:
+    """The model of ``model_dir`` pruned with ``plan`` and re-fitted by :func:`calibration_refit` directly, on the
+    calibration data of the tiny recipe (4 sequences fitted, 4 held out): what a run with ``compensation: refit``
+    and ``--sensitivity_examples 4`` must give."""
+    *_, calibration, _, _ = parse_recipe(["--config", str(TINY_RECIPE), "--model_name_or_path", str(model_dir)])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _, trace = calibration_refit(AutoTokenizer.from_pretrained(model_dir), calibration, 4)(model, plan, None)
+    return model, trace

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +17,9 @@ from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.sweep import SweepArguments, run_sweep_cli, sweep_points
 from moe_specialist.training import parse_recipe, run
+from tests.helpers import TINY_RECIPE, refit_by_hand
 
-TINY = Path(__file__).parent / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
 FIT = ("--sensitivity_examples", "4")  # the recipe calibrates on 8 sequences: 4 to fit, 4 held out
-
-
-def by_hand(model_dir: Path, plan: PrunePlan) -> tuple[torch.nn.Module, dict]:
-    """The model pruned with ``plan`` and re-fitted with the recipe's calibration data, step by step."""
-    *_, calibration, _, _ = parse_recipe(["--config", str(TINY), "--model_name_or_path", str(model_dir)])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    _, trace = calibration_refit(AutoTokenizer.from_pretrained(model_dir), calibration, 4)(model, plan, None)
-    return model, trace
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -71,14 +62,14 @@ def test_the_recipe_sets_the_refit_and_none_is_no_compensation(tiny_translator):
         PruningArguments(refit_steps=0)
 
 
-def test_train_refits_after_pruning_exactly_as_by_hand(tiny_translator, tmp_path):
+def test_train_refits_after_pruning_exactly_as_refit_by_hand(tiny_translator, tmp_path):
     output_dir = tmp_path / "run"
     flags = ["--output_dir", str(output_dir), "--max_steps", "0", "--compensation", "refit", *FIT]
-    results = run(*parse_recipe(["--config", str(TINY), "--model_name_or_path", str(tiny_translator), *flags]))
+    results = run(*parse_recipe(["--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny_translator), *flags]))
     trace = results["pruning"]["compensation"]
     assert [layer["layer"] for layer in trace["layers"]] == [0, 1, 2, 3]
     assert trace["tokens"]["fit"] > 0 and trace["settings"]["held_out"] == "batches"
-    model, by_hand_trace = by_hand(tiny_translator, PrunePlan.load(output_dir / "prune_plan.json"))
+    model, by_hand_trace = refit_by_hand(tiny_translator, PrunePlan.load(output_dir / "prune_plan.json"))
     assert [layer["held_out_error_after"] for layer in trace["layers"]] == [
         layer["held_out_error_after"] for layer in by_hand_trace["layers"]
     ]
@@ -91,7 +82,7 @@ def test_train_refits_after_pruning_exactly_as_by_hand(tiny_translator, tmp_path
 
 
 def test_train_refuses_a_compensation_it_cannot_apply(tiny_translator, tmp_path):
-    base = ["--config", str(TINY), "--model_name_or_path", str(tiny_translator), "--compensation", "refit"]
+    base = ["--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny_translator), "--compensation", "refit"]
     with pytest.raises(ConfigurationError, match=r"disk never holds it: use prune_mode memory, or prune and"):
         run(*parse_recipe([*base, "--output_dir", str(tmp_path / "disk"), "--prune_mode", "disk", *FIT]))
     with pytest.raises(ConfigurationError, match=r"`callbacks` has no expert_pruning: add it, or set compensation"):
@@ -108,7 +99,7 @@ def test_train_refuses_a_compensation_it_cannot_apply(tiny_translator, tmp_path)
 
 def test_sweep_refuses_held_out_methods_with_nothing_to_hold_out(tiny_translator, tmp_path):
     out = tmp_path / "sweep"
-    base = ["--config", str(TINY), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out)]
+    base = ["--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out)]
     for criteria in ("frequency,frequency@search", "frequency+refit"):
         with pytest.raises(ConfigurationError, match=r"sample leaves out, but there are at most 8 \(calibration_"):
             run_sweep_cli([*base, "--ratios", "0,0.5", "--criteria", criteria])
@@ -119,7 +110,7 @@ def test_sweep_refuses_held_out_methods_with_nothing_to_hold_out(tiny_translator
 def test_sweep_refit_points_and_their_sft(tiny_translator, tmp_path):
     out = tmp_path / "sweep"
     argv = [
-        "--config", str(TINY), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out),
+        "--config", str(TINY_RECIPE), "--model_name_or_path", str(tiny_translator), "--output_dir", str(out),
         "--ratios", "0,0.5", "--criteria", "frequency+none,frequency", "--compensation", "refit", *FIT,
         "--sft_at", "0.5", "--sft_criteria", "frequency", "--max_eval_examples", "3", "--max_new_tokens", "4",
     ]  # fmt: skip
@@ -135,7 +126,7 @@ def test_sweep_refit_points_and_their_sft(tiny_translator, tmp_path):
     plain = json.loads((out / "points" / "r0.500-frequency-uniform" / "result.json").read_text())
     assert (refit["compensation"], plain["compensation"]) == ("refit", "none") and "compensation_trace" not in plain
     plan = PrunePlan.load(out / "points" / "r0.500-frequency-uniform-refit" / "prune_plan.json")
-    _, by_hand_trace = by_hand(tiny_translator, plan)
+    _, by_hand_trace = refit_by_hand(tiny_translator, plan)
     errors = [layer["held_out_error_after"] for layer in by_hand_trace["layers"]]
     assert [layer["held_out_error_after"] for layer in refit["compensation_trace"]["layers"]] == errors
     # the SFT point replays the plan and re-fits the same way before training

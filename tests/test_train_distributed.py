@@ -30,8 +30,7 @@ from moe_specialist.plan import PrunePlan
 from moe_specialist.prune import load_pruned_model, prune_model
 from moe_specialist.training import parse_recipe, run
 from moe_specialist.training.callbacks import expert_fingerprint
-from tests.helpers import wandb_record
-from tests.test_compensation_pipeline import by_hand
+from tests.helpers import refit_by_hand, wandb_record
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "tests" / "fixtures" / "recipes" / "tiny_prune_sft.yaml"
@@ -175,7 +174,7 @@ def test_two_process_zero3_refit_before_sharding(tiny_translator, tmp_path):
     done, seconds = launch("zero3", tiny_translator, output_dir, *flags)
     assert done.returncode == 0, f"failed after {seconds:.0f}s:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     records = [json.loads((output_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    model, trace = by_hand(tiny_translator, PrunePlan.load(output_dir / "prune_plan.json"))
+    model, trace = refit_by_hand(tiny_translator, PrunePlan.load(output_dir / "prune_plan.json"))
     refitted = expert_fingerprint(find_moe(model))["sha256"]
     assert records[0]["pruned"]["sha256"] == records[1]["pruned"]["sha256"] == refitted
     assert records[0]["trained"]["zero3_partitioned"] and records[0]["trained"]["sha256"] != refitted

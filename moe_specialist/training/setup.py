@@ -217,7 +217,8 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
     state = PartialState()
     validate_arguments(model_args, training_args)
     check_compensation(pruning_args, training_args)
-    planned = calibrate and "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
+    plans = "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
+    planned = calibrate and plans  # planned here, on statistics calibrated here
     check_recipe_data(
         data_args,
         calibration_args,
@@ -225,11 +226,9 @@ def prepare_run(model_args, data_args, calibration_args, pruning_args, training_
         evaluate="translation_eval" in training_args.callbacks or training_args.eval_strategy != "no",
         calibrate=planned or pruning_args.compensation != "none",
     )
-    plans = "expert_pruning" in training_args.callbacks and not pruning_args.prune_plan
+    allocation = [pruning_args.pruning_allocation] if plans else []
     check_held_out_calibration(
-        calibration_args,
-        pruning_args.sensitivity_examples,
-        [pruning_args.pruning_allocation if plans else "", pruning_args.compensation],
+        calibration_args, pruning_args.sensitivity_examples, [*allocation, pruning_args.compensation]
     )
     if training_args.check_memory:
         check_run_memory(model_args, calibration_args, pruning_args, training_args, planned)
